@@ -1,0 +1,89 @@
+"""Backend registry: which backends exist, which can be loaded here, and which one a call uses.
+
+Backends live in `fastlstm._kernels`, one module each, and register themselves by defining a
+module-level ``BACKEND`` (a `Backend`). Modules are imported on first use, so that
+``import fastlstm`` stays cheap and a backend whose dependency or compiled extension is
+missing only removes that backend; the reason is kept for the error message and for
+``python -m fastlstm``.
+"""
+
+import importlib
+import threading
+from typing import Callable, NamedTuple
+
+from . import _threads
+
+#: Backend names in the documented order, with the module that implements each.
+BACKEND_MODULES = {
+    "numpy": "fastlstm._kernels.numpy_ref",
+    "numba": "fastlstm._kernels.numba_backend",
+    "cython": "fastlstm._kernels.cython_backend",
+}
+
+
+class Backend(NamedTuple):
+    """What a backend module provides.
+
+    forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads) -> (y, h_T, c_T, cache)
+    backward(dy, dh_T, dc_T, cache, *, n_threads) -> (dx, dh0, dc0, dWx, dWh, db)
+
+    Arrays arrive validated, C-contiguous and of one dtype (float32 or float64); inputs are
+    read-only to the backend. ``cache`` is the backend's own object, opaque to the API.
+    ``speed_rank(T, B, D, H)`` orders backends for ``backend=None``: higher is faster.
+    """
+
+    name: str
+    forward: Callable
+    backward: Callable
+    speed_rank: Callable
+
+
+_lock = threading.Lock()
+_loaded = {}
+_load_errors = {}
+
+
+def _load(name):
+    with _lock:
+        if name not in _loaded and name not in _load_errors:
+            try:
+                module = importlib.import_module(BACKEND_MODULES[name])
+                _loaded[name] = module.BACKEND
+            except Exception as exc:  # any failure to load just makes the backend unavailable
+                _load_errors[name] = f"{type(exc).__name__}: {exc}"
+            _threads.forget_loaded_libraries()
+    return _loaded.get(name)
+
+
+def available_backends():
+    """Names of the backends usable in this process.
+
+    Returns
+    -------
+    tuple of str
+        A subset of ``("numpy", "numba", "cython")``, in that order.
+    """
+    return tuple(name for name in BACKEND_MODULES if _load(name) is not None)
+
+
+def unavailable_backends():
+    """Map of backend name to the reason it could not be loaded."""
+    available_backends()
+    return dict(_load_errors)
+
+
+def get_backend(name, shape):
+    """Resolve ``name`` (or None, the fastest for ``shape`` = (T, B, D, H)) to a `Backend`."""
+    if name is None:
+        candidates = [_load(n) for n in available_backends()]
+        return max(candidates, key=lambda backend: backend.speed_rank(*shape))
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str or None, got {type(name).__name__}")
+    backend = _load(name) if name in BACKEND_MODULES else None
+    if backend is None:
+        reason = f" ({_load_errors[name]})" if name in _load_errors else ""
+        raise ValueError(
+            f"backend {name!r} is not available{reason}; "
+            f"available backends: {available_backends()}"
+        )
+    return backend

@@ -1,0 +1,1 @@
+"""Private compute backends, one module per backend (see `fastlstm._backends`)."""
