@@ -54,7 +54,8 @@ def _check_float_array(name, value, dtype, shape, meaning):
     if value.ndim != len(shape) or any(
         want is not None and got != want for got, want in zip(value.shape, shape)
     ):
-        wanted = tuple("?" if want is None else want for want in shape)
+        wanted = "(" + ", ".join("?" if want is None else str(want) for want in shape)
+        wanted += ",)" if len(shape) == 1 else ")"
         raise ValueError(f"{name} must have shape {meaning} = {wanted}, got {value.shape}")
     return value
 
@@ -76,6 +77,8 @@ def _check_lengths(lengths, T, B):
 def _numpy_cells(cache_data, c_T):
     """c_t for every step from the reference backend's cache: step t+1 keeps c_t as c_prev."""
     step_caches = cache_data[0]
+    if not step_caches:
+        return np.empty((0,) + c_T.shape, c_T.dtype)
     return np.stack([step_cache[2] for step_cache in step_caches[1:]] + [c_T])
 
 

@@ -55,7 +55,7 @@ class _NumpyStepBuffers:
     hidden state is written straight into next step's input. gates : (B, 4H) scratch.
     """
 
-    __slots__ = ("xh", "x_in", "h", "c", "gates", "sigmoid_gates", "i", "f", "o", "g")
+    __slots__ = ("xh", "x_in", "h", "c", "gates", "sigmoid_gates", "i", "f", "o", "g", "half")
 
     def __init__(self, prepared, h0, c0):
         B, H = h0.shape
@@ -72,6 +72,8 @@ class _NumpyStepBuffers:
         self.f = self.gates[:, H : 2 * H]
         self.o = self.gates[:, 2 * H : 3 * H]
         self.g = self.gates[:, 3 * H :]
+        # A 0-d array operand: a Python float would be converted (allocated) at every call.
+        self.half = np.array(0.5, prepared.dtype)
 
 
 def _numpy_step(prepared, buffers, x_t):
@@ -83,8 +85,8 @@ def _numpy_step(prepared, buffers, x_t):
     np.copyto(buf.x_in, x_t)
     np.dot(buf.xh, prepared, out=buf.gates)
     np.tanh(buf.gates, out=buf.gates)  # tanh(a/2) for i, f, o (halved columns), tanh(a) for g
-    np.multiply(buf.sigmoid_gates, 0.5, out=buf.sigmoid_gates)
-    np.add(buf.sigmoid_gates, 0.5, out=buf.sigmoid_gates)  # σ(a) = 0.5 + 0.5·tanh(a/2)
+    np.multiply(buf.sigmoid_gates, buf.half, out=buf.sigmoid_gates)
+    np.add(buf.sigmoid_gates, buf.half, out=buf.sigmoid_gates)  # σ(a) = 0.5 + 0.5·tanh(a/2)
     np.multiply(buf.f, buf.c, out=buf.c)
     np.multiply(buf.i, buf.g, out=buf.i)
     np.add(buf.c, buf.i, out=buf.c)
