@@ -1,0 +1,70 @@
+"""Package-level behaviour: import, backend discovery, command line, floating-point state."""
+
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import fastlstm
+from lstm_data import make_problem
+
+
+def test_version_matches_metadata():
+    assert fastlstm.__version__ == importlib.metadata.version("fastlstm")
+
+
+def test_available_backends_order():
+    backends = fastlstm.available_backends()
+    assert backends[0] == "numpy"
+    order = ("numpy", "numba", "cython")
+    assert list(backends) == [name for name in order if name in backends]
+
+
+def run_python(code):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_imports_and_says_so_without_compiled_extensions():
+    """With every compiled module unimportable, fastlstm still works on the reference."""
+    out = run_python("""
+        import importlib.abc, sys
+
+        class NoExtensions(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.startswith("fastlstm._kernels._") or name == "fastlstm._kernels.cython_backend":
+                    raise ImportError(f"{name} blocked for the test")
+
+        sys.meta_path.insert(0, NoExtensions())
+        import numpy as np
+        import fastlstm
+        from fastlstm.__main__ import describe
+        assert "cython" not in fastlstm.available_backends()
+        y, h, c = fastlstm.lstm_forward(np.ones((2, 1, 3)), np.ones((3, 8)), np.ones((2, 8)), np.ones(8))
+        assert y.shape == (2, 1, 2)
+        print("\\n".join(describe()))
+    """)
+    assert "cython: unavailable (ImportError" in out
+    assert "compiled extensions: missing" in out
+
+
+def test_command_line_info():
+    result = subprocess.run([sys.executable, "-m", "fastlstm"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"fastlstm {fastlstm.__version__}" in result.stdout
+    assert "available backends: numpy" in result.stdout
+    assert "threads:" in result.stdout
+
+
+def test_denormals_survive_import_and_every_backend():
+    """No backend may leave flush-to-zero or denormals-are-zero set in the process."""
+    args = make_problem(3, 2, 4, 5, np.float32)
+    for backend in fastlstm.available_backends():
+        fastlstm.lstm_forward(**args, backend=backend)
+        assert np.float32(1e-45) * np.float32(1.0) != 0, backend
+        assert np.float64(5e-324) * 1.0 != 0, backend
