@@ -114,41 +114,36 @@ def _forward(x, weights, h0, c0, backend, need_cells):
 
 
 class _BatchPlan:
-    """How a batch with per-sequence ``lengths`` runs: sorted order and time segments.
+    """How a batch with per-sequence ``lengths`` runs: time segments over shrinking subsets.
 
-    Sequences are sorted by length, longest first, once per call. At time t the sequences still
-    running are a prefix of that order, of size n_t = #{lengths > t}; n_t only changes at the
-    distinct lengths, so the time loop splits into segments [t0, t1) over a fixed prefix, each
-    one `lstm_forward` call that carries the prefix's state on. The reverse direction reverses
-    every sequence within its own length, runs forward, and reverses back.
+    At time t the sequences still running are the n_t = #{lengths > t} longest ones; n_t only
+    changes at the distinct lengths, so the time loop splits into segments [t0, t1) over a
+    fixed subset, each one `lstm_forward` call that carries that subset's state on. No step is
+    computed past a sequence's end. While every sequence runs (the first segment, usually the
+    longest) the batch is used as it is, without copies. The reverse direction reverses every
+    sequence within its own length, runs forward, and reverses back.
     """
 
     def __init__(self, lengths, T):
         B = lengths.shape[0]
-        self.order = np.argsort(-lengths, kind="stable")
-        self.inverse = np.argsort(self.order)
-        sorted_lengths = lengths[self.order]
-        self.segments = []
+        longest_first = np.argsort(-lengths, kind="stable")
+        sorted_lengths = lengths[longest_first]
+        self.segments = []  # (t0, t1, running): running is None for the whole batch
         start = 0
         for end in np.unique(sorted_lengths[sorted_lengths > 0]):
-            self.segments.append((start, int(end), int(np.count_nonzero(sorted_lengths >= end))))
+            n_running = int(np.count_nonzero(sorted_lengths >= end))
+            # Indices in increasing order, so that gathers and scatters walk memory forwards.
+            running = None if n_running == B else np.sort(longest_first[:n_running])
+            self.segments.append((start, int(end), running))
             start = int(end)
         # reverse_time[t, j] is where step t of sequence j's reversed copy comes from; steps past
         # the length map to themselves, where the outputs are zero.
         steps = np.arange(T)[:, np.newaxis]
-        self.reverse_time = np.where(
-            steps < sorted_lengths, sorted_lengths - 1 - steps, steps
-        )
+        self.reverse_time = np.where(steps < lengths, lengths - 1 - steps, steps)
         self.batch_cols = np.arange(B)[np.newaxis, :]
 
-    def sort(self, batch_axis_array, axis):
-        return np.take(batch_axis_array, self.order, axis=axis)
-
-    def unsort(self, batch_axis_array, axis):
-        return np.take(batch_axis_array, self.inverse, axis=axis)
-
     def run(self, x, weights, h0, c0, backend, need_cells, reverse):
-        """One direction over the sorted batch x (T, B, D); zeros past each length."""
+        """One direction over x (T, B, D); zeros past each length."""
         if reverse:
             x = x[self.reverse_time, self.batch_cols]
         T, B, _ = x.shape
@@ -157,15 +152,18 @@ class _BatchPlan:
         cells = np.zeros((T, B, H), x.dtype) if need_cells else None
         h = np.zeros((B, H), x.dtype) if h0 is None else h0.copy()
         c = np.zeros((B, H), x.dtype) if c0 is None else c0.copy()
-        for t0, t1, n in self.segments:
-            y_seg, h_seg, c_seg, cells_seg = _forward(
-                x[t0:t1, :n], weights, h[:n], c[:n], backend, need_cells
+        for t0, t1, running in self.segments:
+            if running is None:
+                y[t0:t1], h, c, cells_seg = _forward(x[t0:t1], weights, h, c, backend, need_cells)
+                if need_cells:
+                    cells[t0:t1] = cells_seg
+                continue
+            y_seg, h[running], c[running], cells_seg = _forward(
+                x[t0:t1, running], weights, h[running], c[running], backend, need_cells
             )
-            y[t0:t1, :n] = y_seg
-            h[:n] = h_seg
-            c[:n] = c_seg
+            y[t0:t1, running] = y_seg
             if need_cells:
-                cells[t0:t1, :n] = cells_seg
+                cells[t0:t1, running] = cells_seg
         if reverse:
             y = y[self.reverse_time, self.batch_cols]
             if need_cells:
@@ -175,11 +173,6 @@ class _BatchPlan:
 
 class _FullPlan:
     """Every sequence runs all T steps: one `lstm_forward` call per direction."""
-
-    def sort(self, batch_axis_array, axis):
-        return batch_axis_array
-
-    unsort = sort
 
     def run(self, x, weights, h0, c0, backend, need_cells, reverse):
         if reverse:
@@ -448,9 +441,7 @@ class LSTM:
         H, dirs = self._hidden_size, self.num_directions
         h_n = np.empty((self._num_layers * dirs, B, H), self._dtype)
         c_n = np.empty_like(h_n)
-        layer_input = plan.sort(x, axis=1)
-        h0 = None if h0 is None else plan.sort(h0, axis=1)
-        c0 = None if c0 is None else plan.sort(c0, axis=1)
+        layer_input = x
         for layer in range(self._num_layers):
             need_cells = return_cells and layer == self._num_layers - 1
             outputs, cells = [], []
@@ -468,16 +459,14 @@ class LSTM:
                 outputs.append(y_k)
                 cells.append(cells_k)
             layer_input = outputs[0] if dirs == 1 else np.concatenate(outputs, axis=2)
-        y = self._finish(plan, layer_input)
-        h_n, c_n = plan.unsort(h_n, axis=1), plan.unsort(c_n, axis=1)
+        y = self._finish(layer_input)
         if return_cells:
             cells = cells[0] if dirs == 1 else np.concatenate(cells, axis=2)
-            return y, (h_n, c_n), self._finish(plan, cells)
+            return y, (h_n, c_n), self._finish(cells)
         return y, (h_n, c_n)
 
-    def _finish(self, plan, sequence):
-        """Back to the caller's batch order and layout, as a fresh C-contiguous array."""
-        sequence = plan.unsort(sequence, axis=1)
+    def _finish(self, sequence):
+        """Back to the caller's layout, as a fresh C-contiguous array."""
         if self._batch_first:
             sequence = sequence.swapaxes(0, 1)
         return np.ascontiguousarray(sequence)
