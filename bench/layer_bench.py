@@ -42,18 +42,26 @@ def interleaved(functions, repeats, number=1):
         for name, function in functions.items():
             samples[name].append(median_seconds(function, 1, number))
     first = next(iter(samples.values()))
-    ratios = {name: statistics.median(t / f for t, f in zip(values, first))
-              for name, values in samples.items()}
+    ratios = {
+        name: statistics.median(t / f for t, f in zip(values, first))
+        for name, values in samples.items()
+    }
     return {name: statistics.median(values) for name, values in samples.items()}, ratios
 
 
 def bench_lengths(backend):
     """Cost of ``lengths`` relative to the padded run of the same batch."""
     rng = np.random.default_rng(0)
-    print("lengths: layer(x, lengths=L) vs layer(x) (padded), same x: median ms "
-          "(median of paired ratios to padded)")
-    for T, B, D, H, bidirectional in [(100, 32, 128, 256, False), (100, 32, 128, 256, True),
-                                      (50, 8, 64, 128, False), (100, 64, 256, 256, False)]:
+    print(
+        "lengths: layer(x, lengths=L) vs layer(x) (padded), same x: median ms "
+        "(median of paired ratios to padded)"
+    )
+    for T, B, D, H, bidirectional in [
+        (100, 32, 128, 256, False),
+        (100, 32, 128, 256, True),
+        (50, 8, 64, 128, False),
+        (100, 64, 256, 256, False),
+    ]:
         layer = LSTM(D, H, bidirectional=bidirectional, seed=0, backend=backend)
         x = rng.standard_normal((T, B, D)).astype(np.float32)
         cases = {
@@ -72,7 +80,9 @@ def bench_lengths(backend):
             f"{name}: {t * 1e3:.2f} ms ({ratios[name]:.3f}x; useful work {cases[name].sum() / (T * B):.2f})"
             for name, t in times.items()
         )
-        print(f"  T={T} B={B} D={D} H={H} bidir={bidirectional}: padded {padded * 1e3:.2f} ms; {parts}")
+        print(
+            f"  T={T} B={B} D={D} H={H} bidir={bidirectional}: padded {padded * 1e3:.2f} ms; {parts}"
+        )
 
 
 def bench_step(backend):
@@ -101,8 +111,11 @@ def bench_step(backend):
             function()
         times, _ = interleaved(functions, repeats=15, number=2000)
         threads = f"torch threads {torch.get_num_threads()}" if torch is not None else "no torch"
-        print(f"  D={D} H={H}: " + ", ".join(f"{n} {t * 1e6:.2f} µs" for n, t in times.items())
-              + f" ({threads})")
+        print(
+            f"  D={D} H={H}: "
+            + ", ".join(f"{n} {t * 1e6:.2f} µs" for n, t in times.items())
+            + f" ({threads})"
+        )
 
 
 def bench_threads(backend):
@@ -138,8 +151,10 @@ def bench_threads(backend):
         finally:
             fastlstm.set_num_threads(before)
         one, two = max(results[1]), max(results[2])
-        print(f"  T={T} B={B} D={D} H={H}, fastlstm.set_num_threads({kernel_threads}): "
-              f"1 thread {one:.1f} calls/s, 2 threads {two:.1f} calls/s ({two / one:.2f}x)")
+        print(
+            f"  T={T} B={B} D={D} H={H}, fastlstm.set_num_threads({kernel_threads}): "
+            f"1 thread {one:.1f} calls/s, 2 threads {two:.1f} calls/s ({two / one:.2f}x)"
+        )
 
 
 COLD_START = """
@@ -167,27 +182,39 @@ def bench_coldstart(backend):
         walls, parts = [], []
         for _ in range(5):
             start = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, "-c", code], check=True, capture_output=True, text=True
+            )
             walls.append(time.perf_counter() - start)
             parts.append([float(v) for v in out.stdout.split()])
         bare = median_seconds(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), 5)
-        numpy_s, import_s, load_s, call_s = (statistics.median(p[k] for p in parts) for k in range(4))
-        print(f"  whole process {statistics.median(walls):.3f} s (bare python {bare:.3f} s); inside: "
-              f"import numpy {numpy_s:.3f}, import fastlstm {import_s:.3f}, LSTM.load {load_s:.3f}, "
-              f"first call {call_s:.3f}")
+        numpy_s, import_s, load_s, call_s = (
+            statistics.median(p[k] for p in parts) for k in range(4)
+        )
+        print(
+            f"  whole process {statistics.median(walls):.3f} s (bare python {bare:.3f} s); inside: "
+            f"import numpy {numpy_s:.3f}, import fastlstm {import_s:.3f}, LSTM.load {load_s:.3f}, "
+            f"first call {call_s:.3f}"
+        )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sections = {"lengths": bench_lengths, "step": bench_step, "threads": bench_threads,
-                "coldstart": bench_coldstart}
+    sections = {
+        "lengths": bench_lengths,
+        "step": bench_step,
+        "threads": bench_threads,
+        "coldstart": bench_coldstart,
+    }
     parser.add_argument("sections", nargs="*", choices=[*sections, []], default=list(sections))
     parser.add_argument("--backend", default=None)
     parser.add_argument("--threads", type=int, default=None, help="fastlstm.set_num_threads")
     args = parser.parse_args()
     fastlstm.set_num_threads(args.threads)
-    print(f"fastlstm {fastlstm.__version__}, backends {fastlstm.available_backends()}, "
-          f"backend={args.backend!r}, threads {fastlstm.get_num_threads()}, numpy {np.__version__}")
+    print(
+        f"fastlstm {fastlstm.__version__}, backends {fastlstm.available_backends()}, "
+        f"backend={args.backend!r}, threads {fastlstm.get_num_threads()}, numpy {np.__version__}"
+    )
     for name in args.sections or list(sections):
         sections[name](args.backend)
 

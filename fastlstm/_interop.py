@@ -59,7 +59,11 @@ def _require(module_name, purpose):
 
 def _check_gate_rows(name, array, H=None):
     """Require a (4H, ·) matrix (a (4H,) vector when 1-D); return H."""
-    if array.ndim not in (1, 2) or array.shape[0] % 4 or (H is not None and array.shape[0] != 4 * H):
+    if (
+        array.ndim not in (1, 2)
+        or array.shape[0] % 4
+        or (H is not None and array.shape[0] != 4 * H)
+    ):
         want = "(4H, ·)" if H is None else f"(4H = {4 * H}, ·)"
         raise ValueError(f"{name} must have {want} gate rows, got shape {array.shape}")
     return array.shape[0] // 4
@@ -152,8 +156,21 @@ def from_torch(source, dtype=None):
 
 #: Ops that only move data around, allowed between two stacked LSTM nodes (torch exports
 #: Transpose + Reshape or Squeeze there to turn Y (T, dirs, B, H) into (T, B, dirs·H)).
-_ONNX_LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Concat",
-                    "Constant", "Shape", "Gather", "Slice", "Cast", "Dropout"}
+_ONNX_LAYOUT_OPS = {
+    "Transpose",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Flatten",
+    "Concat",
+    "Constant",
+    "Shape",
+    "Gather",
+    "Slice",
+    "Cast",
+    "Dropout",
+}
 _ONNX_DEFAULT_ACTIVATIONS = ["Sigmoid", "Tanh", "Tanh"]
 
 
@@ -185,7 +202,9 @@ def _onnx_node_weights(onnx, node, constants, dtype):
     if "clip" in attrs:
         raise ValueError(f"{label}: cell clipping (clip={attrs['clip']}) is not supported")
     if attrs.get("input_forget", 0):
-        raise ValueError(f"{label}: input_forget=1 (coupled input and forget gates) is not supported")
+        raise ValueError(
+            f"{label}: input_forget=1 (coupled input and forget gates) is not supported"
+        )
     inputs = list(node.input) + [""] * (8 - len(node.input))
     x_name, W_name, R_name, B_name, _, h0_name, c0_name, P_name = inputs
 
@@ -205,16 +224,25 @@ def _onnx_node_weights(onnx, node, constants, dtype):
         )
     H = R.shape[2]
     if W.ndim != 3 or W.shape[:2] != (num_directions, 4 * H):
-        raise ValueError(f"{label}: W must have shape ({num_directions}, {4 * H}, D), got {W.shape}")
+        raise ValueError(
+            f"{label}: W must have shape ({num_directions}, {4 * H}, D), got {W.shape}"
+        )
     if "hidden_size" in attrs and attrs["hidden_size"] != H:
         raise ValueError(f"{label}: hidden_size={attrs['hidden_size']} but R has H = {H}")
     bias = stored(B_name, "B") if B_name else np.zeros((num_directions, 8 * H))
     if bias.shape != (num_directions, 8 * H):
-        raise ValueError(f"{label}: B must have shape ({num_directions}, {8 * H}), got {bias.shape}")
-    for name, what in ((P_name, "peephole weights P"), (h0_name, "initial_h"), (c0_name, "initial_c")):
+        raise ValueError(
+            f"{label}: B must have shape ({num_directions}, {8 * H}), got {bias.shape}"
+        )
+    for name, what in (
+        (P_name, "peephole weights P"),
+        (h0_name, "initial_h"),
+        (c0_name, "initial_c"),
+    ):
         if name and name in constants and np.any(constants[name] != 0):
             hint = (
-                "peepholes are not supported" if name == P_name
+                "peepholes are not supported"
+                if name == P_name
                 else "fastlstm takes initial states at call time: pass state=(h0, c0) instead"
             )
             raise ValueError(f"{label}: non-zero constant {what}; {hint}")
@@ -273,7 +301,9 @@ def from_onnx(source, dtype=None):
     else:
         raise TypeError(f"expected a path or an onnx.ModelProto, got {type(source).__name__}")
     graph = model.graph
-    nodes = [node for node in graph.node if node.op_type == "LSTM" and node.domain in ("", "ai.onnx")]
+    nodes = [
+        node for node in graph.node if node.op_type == "LSTM" and node.domain in ("", "ai.onnx")
+    ]
     if not nodes:
         raise ValueError("the ONNX model has no LSTM node")
     constants = _onnx_constants(onnx, graph)
@@ -281,7 +311,9 @@ def from_onnx(source, dtype=None):
     for k, node in enumerate(nodes):
         if k:
             _onnx_check_chained(graph, nodes[k - 1], node)
-        node_weights, direction, layout, node_dtype = _onnx_node_weights(onnx, node, constants, dtype)
+        node_weights, direction, layout, node_dtype = _onnx_node_weights(
+            onnx, node, constants, dtype
+        )
         dtype = node_dtype
         weights.extend(node_weights)
         directions.add(direction)
@@ -333,7 +365,9 @@ def _keras_weights(arrays, dtype, label):
         )
     kernel, recurrent_kernel = arrays[0], arrays[1]
     if recurrent_kernel.ndim != 2 or recurrent_kernel.shape[1] != 4 * recurrent_kernel.shape[0]:
-        raise ValueError(f"{label}: recurrent_kernel must have shape (H, 4H), got {recurrent_kernel.shape}")
+        raise ValueError(
+            f"{label}: recurrent_kernel must have shape (H, 4H), got {recurrent_kernel.shape}"
+        )
     H = recurrent_kernel.shape[0]
     if kernel.ndim != 2 or kernel.shape[1] != 4 * H:
         raise ValueError(f"{label}: kernel must have shape (D, 4H = {4 * H}), got {kernel.shape}")
@@ -341,7 +375,9 @@ def _keras_weights(arrays, dtype, label):
     if bias.shape != (4 * H,):
         raise ValueError(f"{label}: bias must have shape (4H,) = ({4 * H},), got {bias.shape}")
     dtype = _resolve_dtype(kernel.dtype, dtype, f"{label} kernel")
-    return tuple(_to_ifog(array, "ifgo", axis=-1).astype(dtype) for array in (kernel, recurrent_kernel, bias))
+    return tuple(
+        _to_ifog(array, "ifgo", axis=-1).astype(dtype) for array in (kernel, recurrent_kernel, bias)
+    )
 
 
 def from_keras(source, dtype=None):

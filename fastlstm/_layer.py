@@ -184,6 +184,10 @@ class _FullPlan:
         return y, h_T, c_T, cells
 
 
+def _from_weights(cls, weights, config):
+    return cls.from_weights(weights, **config)
+
+
 class LSTMState:
     """The running state of a batch of streams, for `LSTM.step`; made by `LSTM.initial_state`.
 
@@ -207,10 +211,12 @@ class LSTMState:
 
     @property
     def h(self):
+        """Copy of the hidden states, shape (num_layers, B, H)."""
         return np.stack([buffers.h for buffers in self._buffers])
 
     @property
     def c(self):
+        """Copy of the cell states, shape (num_layers, B, H)."""
         return np.stack([buffers.c for buffers in self._buffers])
 
     def __repr__(self):
@@ -329,10 +335,15 @@ class LSTM:
         checked = []
         for k, triple in enumerate(weights):
             if len(triple) != 3:
-                raise ValueError(f"weights[{k}] must be a triple (Wx, Wh, b), got {len(triple)} items")
+                raise ValueError(
+                    f"weights[{k}] must be a triple (Wx, Wh, b), got {len(triple)} items"
+                )
             D = input_size if k < num_directions else num_directions * H
-            shapes = {"Wx": ((D, 4 * H), "(D_l, 4H)"), "Wh": ((H, 4 * H), "(H, 4H)"),
-                      "b": ((4 * H,), "(4H,)")}
+            shapes = {
+                "Wx": ((D, 4 * H), "(D_l, 4H)"),
+                "Wh": ((H, 4 * H), "(H, 4H)"),
+                "b": ((4 * H,), "(4H,)"),
+            }
             arrays = []
             for (name, (shape, meaning)), array in zip(shapes.items(), triple):
                 _check_float_array(f"weights[{k}] {name}", array, dtype, shape, meaning)
@@ -371,6 +382,17 @@ class LSTM:
         Index ``layer·num_directions + direction``, as for ``h_n``.
         """
         return self._weights
+
+    def __reduce__(self):
+        # Pickling (e.g. to send a layer to a worker process) rebuilds from weights and config;
+        # the step lock and prepared step weights are per process.
+        config = dict(
+            bidirectional=self._bidirectional,
+            reverse=self._reverse,
+            batch_first=self._batch_first,
+            backend=self._backend,
+        )
+        return (_from_weights, (type(self), self._weights, config))
 
     def __repr__(self):
         return (
@@ -510,8 +532,11 @@ class LSTM:
         for name, array in (("h0", h0), ("c0", c0)):
             if array is None:
                 array = np.zeros(shape, self._dtype)
-            states.append(_check_float_array(name, array, self._dtype, shape,
-                                             "(num_layers, batch_size, hidden_size)"))
+            states.append(
+                _check_float_array(
+                    name, array, self._dtype, shape, "(num_layers, batch_size, hidden_size)"
+                )
+            )
         kernel, prepared = self._prepared_step_weights()
         buffers = tuple(
             kernel.new_buffers(prepared[layer], states[0][layer], states[1][layer])
@@ -539,12 +564,22 @@ class LSTM:
         """
         if not isinstance(state, LSTMState) or state._layer is not self:
             raise TypeError("state must be an LSTMState made by this layer's initial_state()")
-        if not isinstance(x_t, np.ndarray) or x_t.dtype != self._dtype or x_t.shape != (
-            state.batch_size,
-            self._input_size,
+        if (
+            not isinstance(x_t, np.ndarray)
+            or x_t.dtype != self._dtype
+            or x_t.shape
+            != (
+                state.batch_size,
+                self._input_size,
+            )
         ):
-            _check_float_array("x_t", x_t, self._dtype, (state.batch_size, self._input_size),
-                               "(batch_size, input_size)")
+            _check_float_array(
+                "x_t",
+                x_t,
+                self._dtype,
+                (state.batch_size, self._input_size),
+                "(batch_size, input_size)",
+            )
         kernel, prepared = self._step_weights
         layer_input = x_t
         for weights, buffers in zip(prepared, state._buffers):
@@ -566,7 +601,14 @@ class LSTM:
         }
 
     def save(self, path):
-        """Write the layer to ``path`` in the fastlstm ``.npz`` format (see `fastlstm._persist`).
+        """Write the layer to ``path`` as a fastlstm layer file (``.npz``, format version 1).
+
+        The file is a ZIP of uncompressed ``.npy`` members: ``config.npy``, a uint8 array of
+        UTF-8 JSON ``{"format": "fastlstm.LSTM", "format_version": 1, "input_size",
+        "hidden_size", "num_layers", "bidirectional", "reverse", "batch_first", "dtype",
+        "gate_order": "ifog"}``, and per layer l and direction d (``forward``, ``reverse``)
+        ``l{l}_{d}_Wx.npy`` (D_l, 4H), ``l{l}_{d}_Wh.npy`` (H, 4H), ``l{l}_{d}_b.npy`` (4H,).
+        The backend is not stored. ``numpy.load(path)`` reads it too.
 
         Parameters
         ----------
@@ -685,4 +727,3 @@ class LSTM:
         """
         weights, config = _interop.from_keras(layer_or_weights, dtype)
         return cls.from_weights(weights, batch_first=batch_first, backend=backend, **config)
-

@@ -115,7 +115,9 @@ def _read_array(archive, name, shape, dtype):
             "(truncated or padded)"
         )
     raw = archive.read(name)  # zipfile verifies the CRC of the whole member
-    flat = np.frombuffer(raw, dtype=got_dtype, offset=header_length, count=data_bytes // dtype.itemsize)
+    flat = np.frombuffer(
+        raw, dtype=got_dtype, offset=header_length, count=data_bytes // dtype.itemsize
+    )
     array = flat.reshape(shape, order="F" if fortran_order else "C")
     return np.ascontiguousarray(array, dtype=dtype.newbyteorder("="))
 
@@ -146,7 +148,9 @@ def _parse_config(raw):
         if config[key] < 1:
             raise _FormatError(f"config[{key!r}] must be >= 1, got {config[key]}")
     if config["dtype"] not in ("float32", "float64"):
-        raise _FormatError(f"config['dtype'] must be 'float32' or 'float64', got {config['dtype']!r}")
+        raise _FormatError(
+            f"config['dtype'] must be 'float32' or 'float64', got {config['dtype']!r}"
+        )
     if config["gate_order"] != "ifog":
         raise _FormatError(f"config['gate_order'] must be 'ifog', got {config['gate_order']!r}")
     if config["bidirectional"] and config["reverse"]:
@@ -186,10 +190,17 @@ def load(file):
             return _load_archive(archive)
     except _FormatError as exc:
         raise ValueError(f"cannot load a fastlstm LSTM from {label!r}: {exc}") from None
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, KeyError,
-            NotImplementedError, io.UnsupportedOperation, MemoryError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        EOFError,
+        ValueError,
+        KeyError,
+        NotImplementedError,
+        io.UnsupportedOperation,
+        MemoryError,
+    ) as exc:
         raise ValueError(
             f"cannot load a fastlstm LSTM from {label!r}: not a valid layer file "
             f"({type(exc).__name__}: {exc})"
         ) from None
-

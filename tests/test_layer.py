@@ -113,6 +113,16 @@ def test_initialisation_like_torch():
     assert [w[0].shape for w in layer.weights] == [(8, 64), (8, 64), (32, 64), (32, 64)]
 
 
+def test_pickle_round_trip():
+    import pickle
+
+    layer = LSTM(3, 4, 2, bidirectional=True, batch_first=True, seed=0, backend="numpy")
+    clone = pickle.loads(pickle.dumps(layer))
+    assert repr(clone) == repr(layer)
+    x = random_input((2, 5, 3), np.float32)
+    np.testing.assert_array_equal(clone(x)[0], layer(x)[0])
+
+
 def test_empty_sequence_and_batch():
     layer = LSTM(3, 4, 2, bidirectional=True, seed=0)
     h0 = random_input((4, 2, 4), np.float32)
@@ -220,7 +230,9 @@ def test_bad_state(small_layer):
 def test_bad_x(small_layer):
     with pytest.raises(TypeError, match=r"x must have the layer's dtype float32, got float64"):
         small_layer(np.zeros((5, 2, 3)))
-    with pytest.raises(ValueError, match=r"x must have shape \(T, B, input_size\) = \(\?, \?, 3\), got \(5, 2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"x must have shape \(T, B, input_size\) = \(\?, \?, 3\), got \(5, 2, 4\)"
+    ):
         small_layer(np.zeros((5, 2, 4), np.float32))
     with pytest.raises(ValueError, match=r"x must have shape .*got \(5, 3\)"):
         small_layer(np.zeros((5, 3), np.float32))
@@ -243,10 +255,19 @@ def test_bad_construction():
     with pytest.raises(ValueError, match="cannot be bidirectional"):
         LSTM(3, 4, bidirectional=True, reverse=True)
     layer = LSTM(3, 4, 2)
-    with pytest.raises(ValueError, match=r"weights\[2\] Wx must have shape \(D_l, 4H\) = \(4, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"weights\[2\] Wx must have shape \(D_l, 4H\) = \(4, 16\)"
+    ):
         LSTM.from_weights(layer.weights + (layer.weights[0],))
-    with pytest.raises(TypeError, match=r"weights\[1\] Wh must have the layer's dtype float32, got float64"):
-        LSTM.from_weights([layer.weights[0], (layer.weights[1][0], layer.weights[1][1].astype(float), layer.weights[1][2])])
+    with pytest.raises(
+        TypeError, match=r"weights\[1\] Wh must have the layer's dtype float32, got float64"
+    ):
+        LSTM.from_weights(
+            [
+                layer.weights[0],
+                (layer.weights[1][0], layer.weights[1][1].astype(float), layer.weights[1][2]),
+            ]
+        )
 
 
 def test_inputs_are_not_modified_and_read_only_inputs_work():
@@ -320,13 +341,18 @@ def test_streams_are_independent_and_step_checks_inputs():
     y_first = layer.step(x, first)[0].copy()
     np.testing.assert_array_equal(second.h, 0)
     np.testing.assert_array_equal(layer.step(x, second)[0], y_first)
-    with pytest.raises(ValueError, match=r"x_t must have shape \(batch_size, input_size\) = \(2, 3\), got \(1, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"x_t must have shape \(batch_size, input_size\) = \(2, 3\), got \(1, 3\)"
+    ):
         layer.step(x[:1], first)
     with pytest.raises(TypeError, match=r"x_t must have the layer's dtype float32, got float64"):
         layer.step(x.astype(np.float64), first)
     with pytest.raises(TypeError, match="LSTMState made by this layer"):
         LSTM(3, 4).step(x, first)
-    with pytest.raises(ValueError, match=r"h0 must have shape \(num_layers, batch_size, hidden_size\) = \(1, 2, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"h0 must have shape \(num_layers, batch_size, hidden_size\) = \(1, 2, 4\)",
+    ):
         layer.initial_state(2, h0=np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="bidirectional|reverse"):
         LSTM(3, 4, bidirectional=True).initial_state(1)

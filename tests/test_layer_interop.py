@@ -58,7 +58,11 @@ def keras_reference(x, kernel, recurrent_kernel, bias):
 
 def test_keras_weights_against_a_numpy_keras_reference():
     D, H = 3, 5
-    kernel, recurrent_kernel, bias = rand((D, 4 * H), np.float64, 1), rand((H, 4 * H), np.float64, 2), rand(4 * H, np.float64, 3)
+    kernel, recurrent_kernel, bias = (
+        rand((D, 4 * H), np.float64, 1),
+        rand((H, 4 * H), np.float64, 2),
+        rand(4 * H, np.float64, 3),
+    )
     x = rand((2, 6, D), np.float64, 4)
     y_ref, h_ref, c_ref = keras_reference(x, kernel, recurrent_kernel, bias)
     layer = LSTM.from_keras([kernel, recurrent_kernel, bias])
@@ -68,30 +72,42 @@ def test_keras_weights_against_a_numpy_keras_reference():
     np.testing.assert_allclose(h[0], h_ref, rtol=0, atol=F64)
     np.testing.assert_allclose(c[0], c_ref, rtol=0, atol=F64)
     no_bias = LSTM.from_keras([kernel, recurrent_kernel])
-    np.testing.assert_allclose(no_bias(x)[0], keras_reference(x, kernel, recurrent_kernel, 0 * bias)[0], atol=F64)
+    np.testing.assert_allclose(
+        no_bias(x)[0], keras_reference(x, kernel, recurrent_kernel, 0 * bias)[0], atol=F64
+    )
 
 
 def test_bad_keras_weights():
-    with pytest.raises(ValueError, match=r"recurrent_kernel must have shape \(H, 4H\), got \(5, 19\)"):
+    with pytest.raises(
+        ValueError, match=r"recurrent_kernel must have shape \(H, 4H\), got \(5, 19\)"
+    ):
         LSTM.from_keras([np.zeros((3, 20)), np.zeros((5, 19)), np.zeros(20)])
     with pytest.raises(ValueError, match=r"bias must have shape \(4H,\) = \(20,\), got \(19,\)"):
         LSTM.from_keras([np.zeros((3, 20)), np.zeros((5, 20)), np.zeros(19)])
     with pytest.raises(TypeError, match="has dtype float16; .*pass dtype=np.float32"):
         LSTM.from_keras([np.zeros((3, 20), np.float16), np.zeros((5, 20), np.float16)])
-    assert LSTM.from_keras([np.zeros((3, 20), np.float16), np.zeros((5, 20))], dtype=np.float32).dtype == np.float32
+    assert (
+        LSTM.from_keras([np.zeros((3, 20), np.float16), np.zeros((5, 20))], dtype=np.float32).dtype
+        == np.float32
+    )
     with pytest.raises(TypeError, match="expected a keras.layers.LSTM"):
         LSTM.from_keras(object())
 
 
 def test_bad_torch_state_dicts():
     H, D = 3, 2
-    state = {"weight_ih_l0": np.zeros((4 * H, D), np.float32), "weight_hh_l0": np.zeros((4 * H, H), np.float32)}
+    state = {
+        "weight_ih_l0": np.zeros((4 * H, D), np.float32),
+        "weight_hh_l0": np.zeros((4 * H, H), np.float32),
+    }
     assert LSTM.from_torch(state).hidden_size == H
     with pytest.raises(ValueError, match=r"proj_size"):
         LSTM.from_torch(dict(state, weight_hr_l0=np.zeros((2, H), np.float32)))
     with pytest.raises(ValueError, match=r"missing \['bias_hh_l0'\]"):
         LSTM.from_torch(dict(state, bias_ih_l0=np.zeros(4 * H, np.float32)))
-    with pytest.raises(ValueError, match=r"weight_hh_l0 must have \(4H, ·\) gate rows, got shape \(9, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"weight_hh_l0 must have \(4H, ·\) gate rows, got shape \(9, 3\)"
+    ):
         LSTM.from_torch(dict(state, weight_hh_l0=np.zeros((3 * H, H), np.float32)))
     with pytest.raises(ValueError, match="no weight_ih_l0"):
         LSTM.from_torch({"weight": np.zeros(3)})
@@ -185,18 +201,31 @@ def test_onnx_rejections():
     cases = [
         (dict(attributes={"clip": 3.0}), "cell clipping"),
         (dict(attributes={"input_forget": 1}), "input_forget=1"),
-        (dict(attributes={"activations": ["Sigmoid", "Relu", "Tanh"]}), "activations .* not supported"),
+        (
+            dict(attributes={"activations": ["Sigmoid", "Relu", "Tanh"]}),
+            "activations .* not supported",
+        ),
         (dict(P=np.ones((1, 12), np.float32)), "peephole"),
         (dict(weights_as_inputs=True), "W 'W' is not stored in the model"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             LSTM.from_onnx(fixture.lstm_model(W, R, bias, **kwargs))
-    zero_peepholes = fixture.lstm_model(W, R, bias, P=np.zeros((1, 12), np.float32),
-                                        attributes={"activations": ["Sigmoid", "Tanh", "Tanh"]})
+    zero_peepholes = fixture.lstm_model(
+        W,
+        R,
+        bias,
+        P=np.zeros((1, 12), np.float32),
+        attributes={"activations": ["Sigmoid", "Tanh", "Tanh"]},
+    )
     assert LSTM.from_onnx(zero_peepholes).hidden_size == 4
     with pytest.raises(ValueError, match="joined by a Add node"):
-        LSTM.from_onnx(fixture.stacked_model([(W, R, bias), fixture.random_weights(np.random.default_rng(1), 1, 4, 4)], between="Add"))
+        LSTM.from_onnx(
+            fixture.stacked_model(
+                [(W, R, bias), fixture.random_weights(np.random.default_rng(1), 1, 4, 4)],
+                between="Add",
+            )
+        )
     empty = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
     with pytest.raises(ValueError, match="no LSTM node"):
         LSTM.from_onnx(empty)
@@ -223,7 +252,9 @@ def test_from_torch_matches_torch(config, dtype):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     T, B, D, H = 7, 3, 5, 6
-    module = torch.nn.LSTM(D, H, **config).to(torch.float64 if dtype == np.float64 else torch.float32)
+    module = torch.nn.LSTM(D, H, **config).to(
+        torch.float64 if dtype == np.float64 else torch.float32
+    )
     dirs = 2 if config.get("bidirectional") else 1
     rows = config["num_layers"] * dirs
     batch_first = config.get("batch_first", False)
@@ -253,7 +284,9 @@ def test_lengths_match_torch_packed_sequences(bidirectional):
     module = torch.nn.LSTM(D, H, 2, bidirectional=bidirectional)
     x = rand((T, len(lengths), D), seed=7)
     with torch.no_grad():
-        packed = pack_padded_sequence(torch.from_numpy(x), torch.from_numpy(lengths), enforce_sorted=False)
+        packed = pack_padded_sequence(
+            torch.from_numpy(x), torch.from_numpy(lengths), enforce_sorted=False
+        )
         out, (h_t, c_t) = module(packed)
         y_t, _ = pad_packed_sequence(out, total_length=T)
     y, (h, c) = LSTM.from_torch(module)(x, lengths=lengths)
@@ -309,7 +342,9 @@ def test_from_keras_lstm_matches_keras(keras):
 def test_from_keras_bidirectional_matches_keras(keras):
     B, T, D, H = 2, 6, 4, 5
     keras.utils.set_random_seed(1)
-    source = keras.layers.Bidirectional(keras.layers.LSTM(H, return_sequences=True, return_state=True))
+    source = keras.layers.Bidirectional(
+        keras.layers.LSTM(H, return_sequences=True, return_state=True)
+    )
     x = rand((B, T, D), seed=3)
     y_k, h_f, c_f, h_b, c_b = (np.asarray(keras.ops.convert_to_numpy(v)) for v in source(x))
     layer = LSTM.from_keras(source)

@@ -55,14 +55,26 @@ def test_documented_layout(tmp_path):
     with np.load(path, allow_pickle=False) as archive:
         assert sorted(archive.files) == sorted(
             ["config"]
-            + [f"l{l}_{d}_{n}" for l in range(2) for d in ("forward", "reverse") for n in ("Wx", "Wh", "b")]
+            + [
+                f"l{l}_{d}_{n}"
+                for l in range(2)
+                for d in ("forward", "reverse")
+                for n in ("Wx", "Wh", "b")
+            ]
         )
         config = json.loads(archive["config"].tobytes())
         assert archive["l1_reverse_Wx"].shape == (8, 16)
     assert config == {
-        "format": "fastlstm.LSTM", "format_version": 1, "input_size": 3, "hidden_size": 4,
-        "num_layers": 2, "bidirectional": True, "reverse": False, "batch_first": False,
-        "dtype": "float32", "gate_order": "ifog",
+        "format": "fastlstm.LSTM",
+        "format_version": 1,
+        "input_size": 3,
+        "hidden_size": 4,
+        "num_layers": 2,
+        "bidirectional": True,
+        "reverse": False,
+        "batch_first": False,
+        "dtype": "float32",
+        "gate_order": "ifog",
     }
 
 
@@ -143,7 +155,9 @@ class Boom:
 
 def test_pickled_member_is_refused_without_unpickling():
     members = members_of(saved_bytes())
-    members["l0_forward_b.npy"] = npy_bytes(np.array([Boom()] * 16, dtype=object), allow_pickle=True)
+    members["l0_forward_b.npy"] = npy_bytes(
+        np.array([Boom()] * 16, dtype=object), allow_pickle=True
+    )
     with pytest.raises(ValueError, match=r"l0_forward_b.npy must have dtype float32, got object"):
         load_bytes(rezip(members))
     members["config.npy"] = npy_bytes(np.array([Boom()], dtype=object), allow_pickle=True)
@@ -155,17 +169,25 @@ def test_pickled_member_is_refused_without_unpickling():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda m: m.update({"l0_forward_Wx.npy": npy_bytes(np.zeros((4, 16), np.float32))}),
-         r"l0_forward_Wx.npy must have shape \(3, 16\), got \(4, 16\)"),
-        (lambda m: m.update({"l0_forward_Wh.npy": npy_bytes(np.zeros((4, 16)))}),
-         r"l0_forward_Wh.npy must have dtype float32, got float64"),
+        (
+            lambda m: m.update({"l0_forward_Wx.npy": npy_bytes(np.zeros((4, 16), np.float32))}),
+            r"l0_forward_Wx.npy must have shape \(3, 16\), got \(4, 16\)",
+        ),
+        (
+            lambda m: m.update({"l0_forward_Wh.npy": npy_bytes(np.zeros((4, 16)))}),
+            r"l0_forward_Wh.npy must have dtype float32, got float64",
+        ),
         (lambda m: m.update({"extra.npy": npy_bytes(np.zeros(1))}), r"unexpected \['extra.npy'\]"),
         (lambda m: m.pop("l1_forward_b.npy"), r"missing \['l1_forward_b.npy'\]"),
         (lambda m: m.pop("config.npy"), "no config.npy member"),
-        (lambda m: m.update({"config.npy": npy_bytes(np.frombuffer(b"[1, 2", np.uint8))}),
-         "config is not UTF-8 JSON"),
-        (lambda m: m.update({"config.npy": npy_bytes(np.frombuffer(b"[" * 60000, np.uint8))}),
-         "config is not UTF-8 JSON"),
+        (
+            lambda m: m.update({"config.npy": npy_bytes(np.frombuffer(b"[1, 2", np.uint8))}),
+            "config is not UTF-8 JSON",
+        ),
+        (
+            lambda m: m.update({"config.npy": npy_bytes(np.frombuffer(b"[" * 60000, np.uint8))}),
+            "config is not UTF-8 JSON",
+        ),
         (lambda m: m.update({"config.npy": npy_bytes(np.zeros((2, 2), np.uint8))}), "must be 1-D"),
     ],
     ids=["shape", "dtype", "extra", "missing", "no-config", "bad-json", "deep-json", "config-2d"],

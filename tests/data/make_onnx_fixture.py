@@ -43,8 +43,9 @@ def _finish(graph):
     return model
 
 
-def lstm_model(W, R, B=None, *, direction="forward", layout=0, attributes=None, P=None,
-               weights_as_inputs=False):
+def lstm_model(
+    W, R, B=None, *, direction="forward", layout=0, attributes=None, P=None, weights_as_inputs=False
+):
     """A model with one LSTM node. Graph inputs X, sequence_lens, initial_h, initial_c (all
     dynamic in T and B); outputs Y, Y_h, Y_c. ``attributes`` adds node attributes."""
     num_directions, four_H, D = W.shape
@@ -72,8 +73,16 @@ def lstm_model(W, R, B=None, *, direction="forward", layout=0, attributes=None, 
             initializers.append(numpy_helper.from_array(array, name))
     node = helper.make_node(
         "LSTM",
-        ["X", "W", "R", "B" if B is not None else "", "sequence_lens", "initial_h", "initial_c",
-         "P" if P is not None else ""],
+        [
+            "X",
+            "W",
+            "R",
+            "B" if B is not None else "",
+            "sequence_lens",
+            "initial_h",
+            "initial_c",
+            "P" if P is not None else "",
+        ],
         ["Y", "Y_h", "Y_c"],
         name="lstm",
         hidden_size=H,
@@ -101,11 +110,16 @@ def stacked_model(layers, *, direction="forward", between="Transpose"):
     for k, (W, R, B) in enumerate(layers):
         for name, array in (("W", W), ("R", R), ("B", B)):
             initializers.append(numpy_helper.from_array(array, f"{name}{k}"))
-        nodes.append(helper.make_node(
-            "LSTM", [layer_input, f"W{k}", f"R{k}", f"B{k}", "sequence_lens"],
-            [f"Y{k}", f"Y_h{k}", f"Y_c{k}"], name=f"lstm{k}", hidden_size=R.shape[2],
-            direction=direction,
-        ))
+        nodes.append(
+            helper.make_node(
+                "LSTM",
+                [layer_input, f"W{k}", f"R{k}", f"B{k}", "sequence_lens"],
+                [f"Y{k}", f"Y_h{k}", f"Y_c{k}"],
+                name=f"lstm{k}",
+                hidden_size=R.shape[2],
+                direction=direction,
+            )
+        )
         if between == "Add":
             nodes.append(helper.make_node("Add", [f"Y{k}", f"Y{k}"], [f"T{k}"]))
         else:
@@ -114,9 +128,9 @@ def stacked_model(layers, *, direction="forward", between="Transpose"):
         layer_input = f"out{k}"
     nodes.append(helper.make_node("Identity", [layer_input], ["Y"]))
     for state in ("Y_h", "Y_c"):
-        nodes.append(helper.make_node(
-            "Concat", [f"{state}{k}" for k in range(len(layers))], [state], axis=0
-        ))
+        nodes.append(
+            helper.make_node("Concat", [f"{state}{k}" for k in range(len(layers))], [state], axis=0)
+        )
     inputs = [
         helper.make_tensor_value_info("X", elem, ["T", "B", D]),
         helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["B"]),
@@ -142,8 +156,11 @@ def main():
     c0 = rng.standard_normal((2, B, H)).astype(np.float32) * 0.5
     expected = {"x": x, "lengths": lengths, "h0": h0, "c0": c0}
     for prefix, model, feeds in (
-        ("bidirectional", bidirectional,
-         {"X": x, "sequence_lens": lengths, "initial_h": h0, "initial_c": c0}),
+        (
+            "bidirectional",
+            bidirectional,
+            {"X": x, "sequence_lens": lengths, "initial_h": h0, "initial_c": c0},
+        ),
         ("stacked", stacked, {"X": x, "sequence_lens": lengths}),
     ):
         path = os.path.join(HERE, f"lstm_{prefix}.onnx")
