@@ -1,9 +1,9 @@
 """`LSTM`: a layer object that holds weights, shaped like ``torch.nn.LSTM``, for inference.
 
 Every layer and direction runs through `fastlstm.lstm_forward` with the layer's backend, so
-the layer is exactly as fast and as exact as the kernels. Variable lengths sort the batch once
-and run the time loop in segments over a shrinking prefix of the sorted batch (`_BatchPlan`):
-no wasted steps, no kernel change.
+the layer is exactly as fast and as exact as the kernels. Variable lengths run the time loop
+in segments over the shrinking set of sequences still running (`_BatchPlan`): no wasted steps,
+no kernel change. Streaming steps go through a `fastlstm._step.StepKernel`.
 """
 
 import operator
