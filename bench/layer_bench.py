@@ -92,7 +92,7 @@ def bench_step(backend):
     except ImportError:
         torch = None
     print("step: one time step from Python, B=1, median µs per step")
-    for D, H in [(128, 128), (64, 128), (256, 256)]:
+    for D, H in [(128, 128), (64, 128), (256, 256), (512, 512)]:
         layer = LSTM(D, H, seed=0, backend=backend)
         x = np.random.default_rng(0).standard_normal((1, D)).astype(np.float32)
         state = layer.initial_state(1)
