@@ -211,6 +211,12 @@ def test_onnx_rejections():
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             LSTM.from_onnx(fixture.lstm_model(W, R, bias, **kwargs))
+    with_constant_state = fixture.lstm_model(W, R, bias)
+    with_constant_state.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.ones((1, 2, 4), np.float32), "initial_h")
+    )
+    with pytest.raises(ValueError, match="non-zero constant initial_h; .*pass state=\\(h0, c0\\)"):
+        LSTM.from_onnx(with_constant_state)
     zero_peepholes = fixture.lstm_model(
         W,
         R,
