@@ -1,0 +1,300 @@
+/* One instantiation of the LSTM step kernels: included by lstm_kernels.h once per
+ * (element type, instruction set). The includer defines
+ *   REAL        float or double
+ *   IREAL       the integer type of REAL's width (int32_t / int64_t), for exponent bits
+ *   LANES       REALs per 32-byte vector (8 / 4)
+ *   SUFFIX(n)   the instantiation's name for n, e.g. n##_f32_avx2
+ *   KERNEL_ATTR the target attribute of every function here (empty for the portable build)
+ *   EXP_CLAMP   |x| bound that keeps exp(x) finite and normal; EXP_DEGREE, MANT_BITS, EXP_BIAS
+ *   LN2_HI, LN2_LO, ROUND_MAGIC  (see vexp)
+ * The code uses GCC/Clang vector extensions rather than intrinsics, so the same text compiles
+ * to AVX2+FMA inside target("avx2,fma") functions and to the baseline ISA (SSE2 on x86-64,
+ * NEON elsewhere) in the portable instantiation.
+ */
+
+#define VEC SUFFIX(vec)
+#define IVEC SUFFIX(ivec)
+/* Hidden units per block of the packed recurrent weights: two vectors per gate, so that the
+ * 4 gates give 8 independent accumulators, enough to hide FMA latency (4 cycles, 2 per cycle). */
+#define UNITS (2 * LANES)
+
+typedef REAL VEC __attribute__((vector_size(32)));
+typedef IREAL IVEC __attribute__((vector_size(32)));
+
+KERNEL_ATTR static inline VEC SUFFIX(vload)(const REAL *p)
+{
+    VEC v;
+    memcpy(&v, p, sizeof v); /* an unaligned vector load */
+    return v;
+}
+
+KERNEL_ATTR static inline void SUFFIX(vstore)(REAL *p, VEC v) { memcpy(p, &v, sizeof v); }
+
+KERNEL_ATTR static inline VEC SUFFIX(vbroadcast)(REAL s) { return (VEC){0} + s; }
+
+/* mask ? a : b, lane by lane (mask lanes are all ones or all zeros, as comparisons give) */
+KERNEL_ATTR static inline VEC SUFFIX(vselect)(IVEC mask, VEC a, VEC b)
+{
+    return (VEC)((mask & (IVEC)a) | (~mask & (IVEC)b));
+}
+
+/* exp(x) for x in [-EXP_CLAMP, EXP_CLAMP]: x = n·ln2 + r with |r| <= ln2/2, exp(x) = 2^n·e^r,
+ * e^r by its Taylor series to degree EXP_DEGREE (truncation error < 1 ulp: 5e-9 relative for
+ * float at degree 7, 7e-15 for double at degree 11). n = round(x/ln2) by adding and subtracting
+ * ROUND_MAGIC = 1.5·2^mantissa_bits, whose low mantissa bits then hold n; ln2 is split into
+ * LN2_HI (few bits, so n·LN2_HI is exact) + LN2_LO to keep r accurate. */
+KERNEL_ATTR static inline VEC SUFFIX(vexp)(VEC x)
+{
+    const VEC magic = SUFFIX(vbroadcast)(ROUND_MAGIC);
+    VEC shifted = x * (REAL)1.4426950408889634 + magic;
+    VEC n = shifted - magic;
+    VEC r = (x - n * (REAL)LN2_HI) - n * (REAL)LN2_LO;
+    static const double inverse_factorial[] = {
+        1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
+        1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800};
+    VEC p = SUFFIX(vbroadcast)((REAL)inverse_factorial[EXP_DEGREE]);
+    for (int k = EXP_DEGREE - 1; k >= 0; k--) /* Horner: Σ r^k / k! */
+        p = p * r + (REAL)inverse_factorial[k];
+    IVEC n_int = (IVEC)shifted - (IVEC)magic;
+    IVEC two_to_n = (n_int + EXP_BIAS) << MANT_BITS;
+    return p * (VEC)two_to_n;
+}
+
+/* x clamped to [-EXP_CLAMP, EXP_CLAMP], NaN replaced by 0 (the callers put NaN back) */
+KERNEL_ATTR static inline VEC SUFFIX(vclamp_exp_arg)(VEC x)
+{
+    const VEC bound = SUFFIX(vbroadcast)(EXP_CLAMP);
+    x = SUFFIX(vselect)((IVEC)(x > bound), bound, x);
+    x = SUFFIX(vselect)((IVEC)(x < -bound), -bound, x);
+    return SUFFIX(vselect)((IVEC)(x != x), SUFFIX(vbroadcast)(0), x);
+}
+
+/* σ(x) = 1 / (1 + exp(-x)); saturates to 0 and 1, NaN stays NaN */
+KERNEL_ATTR static inline VEC SUFFIX(vsigmoid)(VEC x)
+{
+    VEC s = 1 / (1 + SUFFIX(vexp)(-SUFFIX(vclamp_exp_arg)(x)));
+    return SUFFIX(vselect)((IVEC)(x != x), x, s);
+}
+
+/* tanh(x) = 1 - 2 / (1 + exp(2x)); abs error ~1 ulp of 1, saturates to ±1, NaN stays NaN */
+KERNEL_ATTR static inline VEC SUFFIX(vtanh)(VEC x)
+{
+    VEC t = 1 - 2 / (1 + SUFFIX(vexp)(SUFFIX(vclamp_exp_arg)(2 * x)));
+    return SUFFIX(vselect)((IVEC)(x != x), x, t);
+}
+
+KERNEL_ATTR static void SUFFIX(sigmoid_array)(const REAL *x, REAL *out, Py_ssize_t n)
+{
+    Py_ssize_t k = 0;
+    for (; k + LANES <= n; k += LANES)
+        SUFFIX(vstore)(out + k, SUFFIX(vsigmoid)(SUFFIX(vload)(x + k)));
+    for (; k < n; k++) {
+        VEC v = SUFFIX(vbroadcast)(x[k]);
+        out[k] = SUFFIX(vsigmoid)(v)[0];
+    }
+}
+
+KERNEL_ATTR static void SUFFIX(tanh_array)(const REAL *x, REAL *out, Py_ssize_t n)
+{
+    Py_ssize_t k = 0;
+    for (; k + LANES <= n; k += LANES)
+        SUFFIX(vstore)(out + k, SUFFIX(vtanh)(SUFFIX(vload)(x + k)));
+    for (; k < n; k++) {
+        VEC v = SUFFIX(vbroadcast)(x[k]);
+        out[k] = SUFFIX(vtanh)(v)[0];
+    }
+}
+
+/* LANES hidden units of one row: pre-activations gates[q·gate_stride + j] (q = i, f, o, g) become
+ * the activated gates in place; c = f·c_prev + i·g, h = o·tanh(c); tanh_c (may be NULL) keeps
+ * tanh(c) for the backward pass. c may alias c_prev. */
+KERNEL_ATTR static inline void SUFFIX(cell_update_vec)(REAL *gates, Py_ssize_t gate_stride,
+                                                       const REAL *c_prev, REAL *c, REAL *h,
+                                                       REAL *tanh_c)
+{
+    VEC i = SUFFIX(vsigmoid)(SUFFIX(vload)(gates));
+    VEC f = SUFFIX(vsigmoid)(SUFFIX(vload)(gates + gate_stride));
+    VEC o = SUFFIX(vsigmoid)(SUFFIX(vload)(gates + 2 * gate_stride));
+    VEC g = SUFFIX(vtanh)(SUFFIX(vload)(gates + 3 * gate_stride));
+    VEC c_new = f * SUFFIX(vload)(c_prev) + i * g;
+    VEC tc = SUFFIX(vtanh)(c_new);
+    SUFFIX(vstore)(gates, i);
+    SUFFIX(vstore)(gates + gate_stride, f);
+    SUFFIX(vstore)(gates + 2 * gate_stride, o);
+    SUFFIX(vstore)(gates + 3 * gate_stride, g);
+    SUFFIX(vstore)(c, c_new);
+    SUFFIX(vstore)(h, o * tc);
+    if (tanh_c)
+        SUFFIX(vstore)(tanh_c, tc);
+}
+
+/* Cell update of hidden units [u_begin, u_end) of one row whose gates (4H, pre-activation) are
+ * complete; see cell_update_vec. The last partial vector goes through zero-padded copies. */
+KERNEL_ATTR static void SUFFIX(cell_update)(REAL *gates, Py_ssize_t H, const REAL *c_prev,
+                                            REAL *c, REAL *h, REAL *tanh_c, Py_ssize_t u_begin,
+                                            Py_ssize_t u_end)
+{
+    Py_ssize_t u = u_begin;
+    for (; u + LANES <= u_end; u += LANES)
+        SUFFIX(cell_update_vec)(gates + u, H, c_prev + u, c + u, h + u, tanh_c ? tanh_c + u : NULL);
+    Py_ssize_t rest = u_end - u;
+    if (rest > 0) {
+        REAL g4[4 * LANES] = {0}, cp[LANES] = {0}, cn[LANES], hn[LANES], tc[LANES];
+        for (int q = 0; q < 4; q++)
+            for (Py_ssize_t j = 0; j < rest; j++)
+                g4[q * LANES + j] = gates[q * H + u + j];
+        for (Py_ssize_t j = 0; j < rest; j++)
+            cp[j] = c_prev[u + j];
+        SUFFIX(cell_update_vec)(g4, LANES, cp, cn, hn, tc);
+        for (int q = 0; q < 4; q++)
+            for (Py_ssize_t j = 0; j < rest; j++)
+                gates[q * H + u + j] = g4[q * LANES + j];
+        for (Py_ssize_t j = 0; j < rest; j++) {
+            c[u + j] = cn[j];
+            h[u + j] = hn[j];
+            if (tanh_c)
+                tanh_c[u + j] = tc[j];
+        }
+    }
+}
+
+/* One forward step of one row for the hidden-unit blocks [blk_begin, blk_end):
+ *   gates[q·H + u] += Σ_k h_prev[k] · Wh[k, q·H + u]      (gates += h_prev @ Wh, these units)
+ * then the cell update of those units (cell_update). `packed` is the recurrent weight matrix
+ * arranged by pack_recurrent_weights: per block of UNITS units, H rows of [i|f|o|g] × UNITS,
+ * zero past H, so the k loop streams one contiguous run and keeps 8 accumulators in registers
+ * (named variables: gcc kept an accumulator array on the stack, DESIGN.md §6). */
+KERNEL_ATTR static void SUFFIX(forward_step)(const REAL *packed, Py_ssize_t H, const REAL *h_prev,
+                                             REAL *gates, const REAL *c_prev, REAL *c, REAL *h,
+                                             REAL *tanh_c, Py_ssize_t blk_begin,
+                                             Py_ssize_t blk_end)
+{
+    for (Py_ssize_t blk = blk_begin; blk < blk_end; blk++) {
+        const REAL *w = packed + blk * H * 4 * UNITS;
+        VEC i0 = {0}, i1 = {0}, f0 = {0}, f1 = {0}, o0 = {0}, o1 = {0}, g0 = {0}, g1 = {0};
+        for (Py_ssize_t k = 0; k < H; k++, w += 4 * UNITS) {
+            VEC hk = SUFFIX(vbroadcast)(h_prev[k]);
+            i0 += hk * SUFFIX(vload)(w);
+            i1 += hk * SUFFIX(vload)(w + LANES);
+            f0 += hk * SUFFIX(vload)(w + UNITS);
+            f1 += hk * SUFFIX(vload)(w + UNITS + LANES);
+            o0 += hk * SUFFIX(vload)(w + 2 * UNITS);
+            o1 += hk * SUFFIX(vload)(w + 2 * UNITS + LANES);
+            g0 += hk * SUFFIX(vload)(w + 3 * UNITS);
+            g1 += hk * SUFFIX(vload)(w + 3 * UNITS + LANES);
+        }
+        Py_ssize_t u0 = blk * UNITS;
+        Py_ssize_t n_units = H - u0 < UNITS ? H - u0 : UNITS;
+        REAL *row = gates + u0;
+        if (n_units == UNITS) {
+            SUFFIX(vstore)(row, SUFFIX(vload)(row) + i0);
+            SUFFIX(vstore)(row + LANES, SUFFIX(vload)(row + LANES) + i1);
+            SUFFIX(vstore)(row + H, SUFFIX(vload)(row + H) + f0);
+            SUFFIX(vstore)(row + H + LANES, SUFFIX(vload)(row + H + LANES) + f1);
+            SUFFIX(vstore)(row + 2 * H, SUFFIX(vload)(row + 2 * H) + o0);
+            SUFFIX(vstore)(row + 2 * H + LANES, SUFFIX(vload)(row + 2 * H + LANES) + o1);
+            SUFFIX(vstore)(row + 3 * H, SUFFIX(vload)(row + 3 * H) + g0);
+            SUFFIX(vstore)(row + 3 * H + LANES, SUFFIX(vload)(row + 3 * H + LANES) + g1);
+        } else {
+            REAL acc[4][UNITS];
+            SUFFIX(vstore)(acc[0], i0);
+            SUFFIX(vstore)(acc[0] + LANES, i1);
+            SUFFIX(vstore)(acc[1], f0);
+            SUFFIX(vstore)(acc[1] + LANES, f1);
+            SUFFIX(vstore)(acc[2], o0);
+            SUFFIX(vstore)(acc[2] + LANES, o1);
+            SUFFIX(vstore)(acc[3], g0);
+            SUFFIX(vstore)(acc[3] + LANES, g1);
+            for (int q = 0; q < 4; q++)
+                for (Py_ssize_t j = 0; j < n_units; j++)
+                    row[q * H + j] += acc[q][j];
+        }
+        SUFFIX(cell_update)(gates, H, c_prev, c, h, tanh_c, u0, u0 + n_units);
+    }
+}
+
+/* Backward through the cell for hidden units [u_begin, u_end) of one row at step t:
+ *   dh_t = dy + dh (dh: the gradient from step t+1),  dc_t = dc + dh_t·o·(1 - tanh_c²)
+ *   da = [dc_t·g·i(1-i), dc_t·c_prev·f(1-f), dh_t·tanh_c·o(1-o), dc_t·i·(1-g²)]
+ *   dc <- dc_t·f  (the gradient reaching c_{t-1})
+ * gates holds the activated i, f, o, g of step t. A plain loop: the compiler vectorises it. */
+KERNEL_ATTR static void SUFFIX(backward_cell)(const REAL *restrict gates, Py_ssize_t H,
+                                              const REAL *restrict c_prev,
+                                              const REAL *restrict tanh_c,
+                                              const REAL *restrict dy, const REAL *restrict dh,
+                                              REAL *restrict dc, REAL *restrict da,
+                                              Py_ssize_t u_begin, Py_ssize_t u_end)
+{
+    for (Py_ssize_t u = u_begin; u < u_end; u++) {
+        REAL i = gates[u], f = gates[H + u], o = gates[2 * H + u], g = gates[3 * H + u];
+        REAL tc = tanh_c[u];
+        REAL dh_t = dy[u] + dh[u];
+        REAL dc_t = dc[u] + dh_t * o * (1 - tc * tc);
+        da[u] = dc_t * g * i * (1 - i);
+        da[H + u] = dc_t * c_prev[u] * f * (1 - f);
+        da[2 * H + u] = dh_t * tc * o * (1 - o);
+        da[3 * H + u] = dc_t * i * (1 - g * g);
+        dc[u] = dc_t * f;
+    }
+}
+
+KERNEL_ATTR static inline REAL SUFFIX(vsum)(VEC v)
+{
+    REAL s = 0;
+    for (int j = 0; j < LANES; j++)
+        s += v[j];
+    return s;
+}
+
+/* dh[j] = Σ_k Wh[j, k] · da[k] for j in [j_begin, j_end), k < 4H   (dh = da @ Wh.T, one row).
+ * Four rows of Wh (contiguous in its natural layout) at a time, two partial sums each: 8
+ * accumulators, like forward_step, with no packing needed. */
+KERNEL_ATTR static void SUFFIX(backward_dh)(const REAL *Wh, Py_ssize_t H, const REAL *da, REAL *dh,
+                                            Py_ssize_t j_begin, Py_ssize_t j_end)
+{
+    Py_ssize_t K = 4 * H, k_vec = K / UNITS * UNITS;
+    Py_ssize_t j = j_begin;
+    for (; j + 4 <= j_end; j += 4) {
+        const REAL *w0 = Wh + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        VEC a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
+        for (Py_ssize_t k = 0; k < k_vec; k += UNITS) {
+            VEC d0 = SUFFIX(vload)(da + k), d1 = SUFFIX(vload)(da + k + LANES);
+            a0 += SUFFIX(vload)(w0 + k) * d0;
+            b0 += SUFFIX(vload)(w0 + k + LANES) * d1;
+            a1 += SUFFIX(vload)(w1 + k) * d0;
+            b1 += SUFFIX(vload)(w1 + k + LANES) * d1;
+            a2 += SUFFIX(vload)(w2 + k) * d0;
+            b2 += SUFFIX(vload)(w2 + k + LANES) * d1;
+            a3 += SUFFIX(vload)(w3 + k) * d0;
+            b3 += SUFFIX(vload)(w3 + k + LANES) * d1;
+        }
+        REAL s0 = SUFFIX(vsum)(a0 + b0), s1 = SUFFIX(vsum)(a1 + b1);
+        REAL s2 = SUFFIX(vsum)(a2 + b2), s3 = SUFFIX(vsum)(a3 + b3);
+        for (Py_ssize_t k = k_vec; k < K; k++) {
+            s0 += w0[k] * da[k];
+            s1 += w1[k] * da[k];
+            s2 += w2[k] * da[k];
+            s3 += w3[k] * da[k];
+        }
+        dh[j] = s0;
+        dh[j + 1] = s1;
+        dh[j + 2] = s2;
+        dh[j + 3] = s3;
+    }
+    for (; j < j_end; j++) {
+        const REAL *w = Wh + j * K;
+        VEC a = {0}, b = {0};
+        for (Py_ssize_t k = 0; k < k_vec; k += UNITS) {
+            a += SUFFIX(vload)(w + k) * SUFFIX(vload)(da + k);
+            b += SUFFIX(vload)(w + k + LANES) * SUFFIX(vload)(da + k + LANES);
+        }
+        REAL s = SUFFIX(vsum)(a + b);
+        for (Py_ssize_t k = k_vec; k < K; k++)
+            s += w[k] * da[k];
+        dh[j] = s;
+    }
+}
+
+#undef VEC
+#undef IVEC
+#undef UNITS
