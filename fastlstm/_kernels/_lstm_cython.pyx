@@ -6,11 +6,15 @@ regions of exactly ``n_threads`` threads. BLAS (through `_blas.gemm`) is called 
 those regions on row or column partitions, so the caller must hold BLAS to one thread:
 one owner of the cores per call (DESIGN.md §6).
 
-Two ways through the time loop, chosen by the caller (``use_matvec``):
-- matvec (small batches): the threads split the hidden units, all four gates of a unit together,
-  and run the whole sequence in ONE parallel region with a spin barrier per step; each step is a
-  fused matrix-vector product over pre-arranged weights plus the cell update (forward_step in
-  csrc/lstm_kernels_impl.h). sgemm on one row costs 25-50 µs per step (DESIGN.md §6).
+Forward time loop: the threads split the hidden units (all four gates of a unit together) and
+run the whole sequence in ONE parallel region with a barrier per step; each step is a fused
+product over pre-arranged (packed) recurrent weights, two batch rows at a time, plus the cell
+update (forward_step in csrc/lstm_kernels_impl.h). Each thread streams only its share of the
+weights, and no gemm repacks Wh at every step (measured: OpenBLAS spent 24% of a per-step
+sgemm of S3 in packing Wh).
+Backward time loop, chosen by the caller (``use_matvec``):
+- matvec (small batches): the same unit split, with dh = da @ Wh.T as a fused matrix-vector
+  kernel over Wh's natural rows.
 - batch: the threads split the batch rows, which are independent over the whole sequence, and
   each runs its own single-threaded gemm per step with no synchronisation at all.
 The input projection ``x @ Wx`` and, in backward, dx, dWx and dWh are single large GEMMs
@@ -23,6 +27,7 @@ import os
 
 from cython cimport floating
 from cython.parallel cimport parallel, threadid
+from libc.string cimport memcpy
 
 from fastlstm._kernels._blas cimport gemm
 
@@ -49,12 +54,14 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
     void fastlstm_cell_update_f64(double *gates, Py_ssize_t H, const double *c_prev, double *c,
                                   double *h, double *tanh_c, Py_ssize_t u_begin,
                                   Py_ssize_t u_end)
-    void fastlstm_forward_step_f32(const float *packed, Py_ssize_t H, const float *h_prev,
-                                   float *gates, const float *c_prev, float *c, float *h,
-                                   float *tanh_c, Py_ssize_t blk_begin, Py_ssize_t blk_end)
-    void fastlstm_forward_step_f64(const double *packed, Py_ssize_t H, const double *h_prev,
-                                   double *gates, const double *c_prev, double *c, double *h,
-                                   double *tanh_c, Py_ssize_t blk_begin, Py_ssize_t blk_end)
+    void fastlstm_forward_step_f32(const float *packed, Py_ssize_t H, Py_ssize_t rows,
+                                   const float *h_prev, float *gates, const float *c_prev,
+                                   float *c, float *h, float *tanh_c, Py_ssize_t blk_begin,
+                                   Py_ssize_t blk_end)
+    void fastlstm_forward_step_f64(const double *packed, Py_ssize_t H, Py_ssize_t rows,
+                                   const double *h_prev, double *gates, const double *c_prev,
+                                   double *c, double *h, double *tanh_c, Py_ssize_t blk_begin,
+                                   Py_ssize_t blk_end)
     void fastlstm_backward_cell_f32(const float *gates, Py_ssize_t H, const float *c_prev,
                                     const float *tanh_c, const float *dy, const float *dh,
                                     float *dc, float *da, Py_ssize_t u_begin, Py_ssize_t u_end)
@@ -133,16 +140,17 @@ def pack_recurrent_weights(const floating[:, ::1] Wh, floating[::1] packed):
     cdef Py_ssize_t H = Wh.shape[0]
     cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
-    cdef Py_ssize_t blk, k, q, j, unit
+    cdef Py_ssize_t blk, k, q, j, n
     cdef floating *out = &packed[0]
     with nogil:
         for blk in range(n_blocks):
+            n = min(units, H - blk * units)
             for k in range(H):
                 for q in range(4):
-                    for j in range(units):
-                        unit = blk * units + j
-                        out[0] = Wh[k, q * H + unit] if unit < H else 0
-                        out += 1
+                    memcpy(out, &Wh[k, q * H + blk * units], n * sizeof(floating))
+                    for j in range(n, units):
+                        out[j] = 0
+                    out += units
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -176,15 +184,16 @@ cdef void _input_projection(const floating *x, const floating *Wx, const floatin
 
 # ---- forward ---------------------------------------------------------------------------------
 
-cdef void _forward_matvec(const floating *packed, const floating *h0, const floating *c0,
+cdef void _forward_recurrence(const floating *packed, const floating *h0, const floating *c0,
                           floating *gates, floating *y, floating *c_store, floating *tanh_c,
                           Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
                           int n_threads) noexcept nogil:
-    """The time loop for small batches: threads split the hidden-unit blocks, one barrier a step."""
+    """The time loop: threads split the hidden-unit blocks, one barrier a step."""
     cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
     cdef Py_ssize_t G = 4 * H
-    cdef Py_ssize_t blk_begin, blk_end, t, row, step
+    cdef Py_ssize_t BH = B * H
+    cdef Py_ssize_t blk_begin, blk_end, t
     cdef int team
     cdef const floating *h_prev
     cdef const floating *c_prev
@@ -197,82 +206,41 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
         blk_begin = _bound(n_blocks, team, threadid(), 1)
         blk_end = _bound(n_blocks, team, threadid() + 1, 1)
         for t in range(T):
-            for row in range(B):
-                step = t * B + row
-                h_prev = h0 + row * H if t == 0 else y + (step - B) * H
-                c = c_store + (step * H if keep_history else row * H)
-                c_prev = (c0 + row * H if t == 0 else c - B * H) if keep_history else c
-                tc = tanh_c + step * H if keep_history else NULL
-                # gates[t, row] += h_prev @ Wh, then the cell update, for this thread's units
-                if floating is float:
-                    fastlstm_forward_step_f32(packed, H, h_prev, gates + step * G, c_prev, c,
-                                              y + step * H, tc, blk_begin, blk_end)
-                else:
-                    fastlstm_forward_step_f64(packed, H, h_prev, gates + step * G, c_prev, c,
-                                              y + step * H, tc, blk_begin, blk_end)
+            h_prev = h0 if t == 0 else y + (t - 1) * BH
+            c = c_store + t * BH if keep_history else c_store
+            c_prev = (c0 if t == 0 else c - BH) if keep_history else c
+            tc = tanh_c + t * BH if keep_history else NULL
+            # gates[t] += h_prev @ Wh, then the cell update, for this thread's units
+            if floating is float:
+                fastlstm_forward_step_f32(packed, H, B, h_prev, gates + t * B * G, c_prev, c,
+                                          y + t * BH, tc, blk_begin, blk_end)
+            else:
+                fastlstm_forward_step_f64(packed, H, B, h_prev, gates + t * B * G, c_prev, c,
+                                          y + t * BH, tc, blk_begin, blk_end)
             fastlstm_barrier_wait(&barrier, team)
 
 
-cdef void _forward_batch(const floating *Wh, const floating *h0, const floating *c0,
-                         floating *gates, floating *y, floating *c_store, floating *tanh_c,
-                         Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
-                         int n_threads) noexcept nogil:
-    """The time loop for batches: threads split the batch rows and never synchronise."""
-    cdef Py_ssize_t G = 4 * H
-    cdef Py_ssize_t row_begin, row_end, t, row, step
-    cdef const floating *h_prev
-    cdef const floating *c_prev
-    cdef floating *c
-    cdef floating *tc
-    with parallel(num_threads=n_threads):
-        row_begin = _bound(B, fastlstm_team_size(), threadid(), 1)
-        row_end = _bound(B, fastlstm_team_size(), threadid() + 1, 1)
-        for t in range(T):
-            if row_end > row_begin:
-                step = t * B + row_begin
-                h_prev = h0 + row_begin * H if t == 0 else y + (step - B) * H
-                # gates[t, rows] += h_prev[rows] @ Wh
-                gemm(False, False, row_end - row_begin, G, H, 1, h_prev, H, Wh, G, 1,
-                     gates + step * G, G)
-            for row in range(row_begin, row_end):
-                step = t * B + row
-                c = c_store + (step * H if keep_history else row * H)
-                c_prev = (c0 + row * H if t == 0 else c - B * H) if keep_history else c
-                tc = tanh_c + step * H if keep_history else NULL
-                if floating is float:
-                    fastlstm_cell_update_f32(gates + step * G, H, c_prev, c, y + step * H, tc,
-                                             0, H)
-                else:
-                    fastlstm_cell_update_f64(gates + step * G, H, c_prev, c, y + step * H, tc,
-                                             0, H)
-
-
-def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
-            const floating[::1] b, const floating[::1] packed, const floating[:, ::1] h0,
-            const floating[:, ::1] c0, floating[:, :, ::1] gates, floating[:, :, ::1] y,
-            floating[:, :, ::1] c_store, floating[:, :, ::1] tanh_c, bint use_matvec,
-            int n_threads):
+def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[::1] b,
+            const floating[::1] packed, const floating[:, ::1] h0, const floating[:, ::1] c0,
+            floating[:, :, ::1] gates, floating[:, :, ::1] y, floating[:, :, ::1] c_store,
+            floating[:, :, ::1] tanh_c, int n_threads):
     """LSTM forward pass into preallocated arrays.
 
-    Inputs: x (T, B, D), Wx (D, 4H), Wh (H, 4H), b (4H,), h0, c0 (B, H); packed: Wh arranged by
-    `pack_recurrent_weights` (read only with use_matvec).
+    Inputs: x (T, B, D), Wx (D, 4H), b (4H,), h0, c0 (B, H); packed: Wh (H, 4H) arranged by
+    `pack_recurrent_weights`.
     Outputs: gates (T, B, 4H): the activated gates i, f, o, g; y (T, B, H);
     c_store: (T, B, H) cell states of every step, or (1, B, H) holding c0 on entry and c_T on
     exit when no history is kept; tanh_c: (T, B, H) tanh of every cell state, or an empty array
     when no history is kept. Caller holds BLAS to one thread.
     """
-    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = Wh.shape[0]
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = h0.shape[1]
     cdef bint keep_history = tanh_c.shape[0] > 0
     cdef floating *tanh_c_ptr = &tanh_c[0, 0, 0] if keep_history else NULL
     with nogil:
         _input_projection(&x[0, 0, 0], &Wx[0, 0], &b[0], &gates[0, 0, 0], T * B, D, H,
                           n_threads)
-        if use_matvec:
-            _forward_matvec(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
+        _forward_recurrence(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
                             &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads)
-        else:
-            _forward_batch(&Wh[0, 0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
-                           &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads)
 
 
 # ---- backward --------------------------------------------------------------------------------

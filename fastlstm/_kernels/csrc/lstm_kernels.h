@@ -99,9 +99,9 @@
 #undef LN2_LO
 #undef ROUND_MAGIC
 
-/* Hidden units per block of the packed recurrent weights (UNITS in lstm_kernels_impl.h). */
-#define FASTLSTM_UNITS_F32 16
-#define FASTLSTM_UNITS_F64 8
+/* Hidden units per block of the packed recurrent weights (LANES in lstm_kernels_impl.h). */
+#define FASTLSTM_UNITS_F32 8
+#define FASTLSTM_UNITS_F64 4
 
 /* ---- run-time choice of the instruction set ---- */
 static int fastlstm_simd_active = 0;
@@ -153,20 +153,49 @@ static int fastlstm_team_size(void)
 }
 
 /* A barrier for the threads of one parallel region, waited at every time step. Spinning costs
- * 0.05-0.1 µs per step on 2 threads against 0.3-0.5 µs for `omp barrier` (DESIGN.md §6). After
- * FASTLSTM_SPINS_BEFORE_YIELD polls a waiter yields its core, so that a descheduled partner (the
- * cores are shared, or several calls run at once) gets it back instead of waiting behind us. */
-#define FASTLSTM_SPINS_BEFORE_YIELD 2000
+ * 0.05-0.1 µs per step on 2 threads against 0.3-0.5 µs for `omp barrier` (DESIGN.md §6). But the
+ * cores are shared: when the partner thread is descheduled, spinning (or sched_yield) holds the
+ * core it may need and a 100-step call took 28 ms instead of 0.3 ms. So a waiter spins for
+ * FASTLSTM_SPINS_BEFORE_SLEEP polls (a few µs, longer than a step) and then sleeps on a futex;
+ * the last thread to arrive wakes the sleepers. */
+#define FASTLSTM_SPINS_BEFORE_SLEEP 4000
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <limits.h>
+static void fastlstm_sleep_while_equal(int *address, int value)
+{
+    syscall(SYS_futex, address, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+static void fastlstm_wake_all(int *address)
+{
+    syscall(SYS_futex, address, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+#else
+static void fastlstm_sleep_while_equal(int *address, int value)
+{
+    (void)address;
+    (void)value;
+#if !defined(_WIN32)
+    sched_yield();
+#endif
+}
+static void fastlstm_wake_all(int *address) { (void)address; }
+#endif
 
 typedef struct {
     int arrived;
     int generation;
+    int sleepers;
 } fastlstm_barrier;
 
 static void fastlstm_barrier_init(fastlstm_barrier *barrier)
 {
     barrier->arrived = 0;
     barrier->generation = 0;
+    barrier->sleepers = 0;
 }
 
 static inline void fastlstm_cpu_relax(void)
@@ -183,19 +212,23 @@ static void fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
     int generation = __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&barrier->arrived, 1, __ATOMIC_ACQ_REL) == team) {
         __atomic_store_n(&barrier->arrived, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&barrier->generation, generation + 1, __ATOMIC_RELEASE);
+        /* sequentially consistent with the sleepers' increment and re-check below: either a
+         * sleeper sees the new generation before sleeping, or this sees the sleeper */
+        __atomic_store_n(&barrier->generation, generation + 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&barrier->sleepers, __ATOMIC_SEQ_CST) > 0)
+            fastlstm_wake_all(&barrier->generation);
         return;
     }
-    int spins = 0;
-    while (__atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE) == generation) {
-        if (spins < FASTLSTM_SPINS_BEFORE_YIELD) {
+    for (int spins = 0; __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE) == generation;) {
+        if (spins < FASTLSTM_SPINS_BEFORE_SLEEP) {
             spins++;
             fastlstm_cpu_relax();
-        } else {
-#if !defined(_WIN32)
-            sched_yield();
-#endif
+            continue;
         }
+        __atomic_add_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&barrier->generation, __ATOMIC_SEQ_CST) == generation)
+            fastlstm_sleep_while_equal(&barrier->generation, generation);
+        __atomic_sub_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
     }
 }
 

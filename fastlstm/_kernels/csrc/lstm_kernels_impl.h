@@ -14,9 +14,6 @@
 
 #define VEC SUFFIX(vec)
 #define IVEC SUFFIX(ivec)
-/* Hidden units per block of the packed recurrent weights: two vectors per gate, so that the
- * 4 gates give 8 independent accumulators, enough to hide FMA latency (4 cycles, 2 per cycle). */
-#define UNITS (2 * LANES)
 
 typedef REAL VEC __attribute__((vector_size(32)));
 typedef IREAL IVEC __attribute__((vector_size(32)));
@@ -30,7 +27,16 @@ KERNEL_ATTR static inline VEC SUFFIX(vload)(const REAL *p)
 
 KERNEL_ATTR static inline void SUFFIX(vstore)(REAL *p, VEC v) { memcpy(p, &v, sizeof v); }
 
-KERNEL_ATTR static inline VEC SUFFIX(vbroadcast)(REAL s) { return (VEC){0} + s; }
+/* Not (VEC){0} + s, which costs an add (-0.0 + 0 is +0), nor a loop, which gcc builds lane by
+ * lane: an initializer list becomes one broadcast instruction. */
+KERNEL_ATTR static inline VEC SUFFIX(vbroadcast)(REAL s)
+{
+#if LANES == 8
+    return (VEC){s, s, s, s, s, s, s, s};
+#else
+    return (VEC){s, s, s, s};
+#endif
+}
 
 /* mask ? a : b, lane by lane (mask lanes are all ones or all zeros, as comparisons give) */
 KERNEL_ATTR static inline VEC SUFFIX(vselect)(IVEC mask, VEC a, VEC b)
@@ -158,60 +164,117 @@ KERNEL_ATTR static void SUFFIX(cell_update)(REAL *gates, Py_ssize_t H, const REA
     }
 }
 
-/* One forward step of one row for the hidden-unit blocks [blk_begin, blk_end):
- *   gates[q·H + u] += Σ_k h_prev[k] · Wh[k, q·H + u]      (gates += h_prev @ Wh, these units)
- * then the cell update of those units (cell_update). `packed` is the recurrent weight matrix
- * arranged by pack_recurrent_weights: per block of UNITS units, H rows of [i|f|o|g] × UNITS,
- * zero past H, so the k loop streams one contiguous run and keeps 8 accumulators in registers
- * (named variables: gcc kept an accumulator array on the stack, DESIGN.md §6). */
-KERNEL_ATTR static void SUFFIX(forward_step)(const REAL *packed, Py_ssize_t H, const REAL *h_prev,
-                                             REAL *gates, const REAL *c_prev, REAL *c, REAL *h,
-                                             REAL *tanh_c, Py_ssize_t blk_begin,
-                                             Py_ssize_t blk_end)
+/* gates[q·H + u + j] += acc_q[j] for the n <= LANES units from u of one row */
+KERNEL_ATTR static inline void SUFFIX(add_to_gates)(VEC acc_i, VEC acc_f, VEC acc_o, VEC acc_g,
+                                                    REAL *gates, Py_ssize_t H, Py_ssize_t u,
+                                                    Py_ssize_t n)
 {
-    for (Py_ssize_t blk = blk_begin; blk < blk_end; blk++) {
-        const REAL *w = packed + blk * H * 4 * UNITS;
-        VEC i0 = {0}, i1 = {0}, f0 = {0}, f1 = {0}, o0 = {0}, o1 = {0}, g0 = {0}, g1 = {0};
-        for (Py_ssize_t k = 0; k < H; k++, w += 4 * UNITS) {
-            VEC hk = SUFFIX(vbroadcast)(h_prev[k]);
-            i0 += hk * SUFFIX(vload)(w);
-            i1 += hk * SUFFIX(vload)(w + LANES);
-            f0 += hk * SUFFIX(vload)(w + UNITS);
-            f1 += hk * SUFFIX(vload)(w + UNITS + LANES);
-            o0 += hk * SUFFIX(vload)(w + 2 * UNITS);
-            o1 += hk * SUFFIX(vload)(w + 2 * UNITS + LANES);
-            g0 += hk * SUFFIX(vload)(w + 3 * UNITS);
-            g1 += hk * SUFFIX(vload)(w + 3 * UNITS + LANES);
-        }
-        Py_ssize_t u0 = blk * UNITS;
-        Py_ssize_t n_units = H - u0 < UNITS ? H - u0 : UNITS;
-        REAL *row = gates + u0;
-        if (n_units == UNITS) {
-            SUFFIX(vstore)(row, SUFFIX(vload)(row) + i0);
-            SUFFIX(vstore)(row + LANES, SUFFIX(vload)(row + LANES) + i1);
-            SUFFIX(vstore)(row + H, SUFFIX(vload)(row + H) + f0);
-            SUFFIX(vstore)(row + H + LANES, SUFFIX(vload)(row + H + LANES) + f1);
-            SUFFIX(vstore)(row + 2 * H, SUFFIX(vload)(row + 2 * H) + o0);
-            SUFFIX(vstore)(row + 2 * H + LANES, SUFFIX(vload)(row + 2 * H + LANES) + o1);
-            SUFFIX(vstore)(row + 3 * H, SUFFIX(vload)(row + 3 * H) + g0);
-            SUFFIX(vstore)(row + 3 * H + LANES, SUFFIX(vload)(row + 3 * H + LANES) + g1);
+    VEC acc[4] = {acc_i, acc_f, acc_o, acc_g};
+    for (int q = 0; q < 4; q++) {
+        REAL *pre = gates + q * H + u;
+        if (n == LANES) {
+            SUFFIX(vstore)(pre, SUFFIX(vload)(pre) + acc[q]);
         } else {
-            REAL acc[4][UNITS];
-            SUFFIX(vstore)(acc[0], i0);
-            SUFFIX(vstore)(acc[0] + LANES, i1);
-            SUFFIX(vstore)(acc[1], f0);
-            SUFFIX(vstore)(acc[1] + LANES, f1);
-            SUFFIX(vstore)(acc[2], o0);
-            SUFFIX(vstore)(acc[2] + LANES, o1);
-            SUFFIX(vstore)(acc[3], g0);
-            SUFFIX(vstore)(acc[3] + LANES, g1);
-            for (int q = 0; q < 4; q++)
-                for (Py_ssize_t j = 0; j < n_units; j++)
-                    row[q * H + j] += acc[q][j];
+            for (Py_ssize_t j = 0; j < n; j++)
+                pre[j] += acc[q][j];
         }
-        SUFFIX(cell_update)(gates, H, c_prev, c, h, tanh_c, u0, u0 + n_units);
     }
 }
+
+/* Rows r, r+1:  gates[row, q·H + u + j] += Σ_{k0 <= k < k1} h_prev[row, k] · w[k][q][j].
+ * The two rows share each weight load: 8 FMAs per 4 loads. */
+KERNEL_ATTR static inline void SUFFIX(accumulate_two_rows)(const REAL *w, const REAL *ha,
+                                                           const REAL *hb, Py_ssize_t k0,
+                                                           Py_ssize_t k1, REAL *gates_a,
+                                                           REAL *gates_b, Py_ssize_t H,
+                                                           Py_ssize_t u, Py_ssize_t n)
+{
+    VEC ia = {0}, fa = {0}, oa = {0}, ga = {0}, ib = {0}, fb = {0}, ob = {0}, gb = {0};
+    w += k0 * 4 * LANES;
+    for (Py_ssize_t k = k0; k < k1; k++, w += 4 * LANES) {
+        VEC wi = SUFFIX(vload)(w), wf = SUFFIX(vload)(w + LANES);
+        VEC wo = SUFFIX(vload)(w + 2 * LANES), wg = SUFFIX(vload)(w + 3 * LANES);
+        VEC a = SUFFIX(vbroadcast)(ha[k]), b = SUFFIX(vbroadcast)(hb[k]);
+        ia += a * wi;
+        fa += a * wf;
+        oa += a * wo;
+        ga += a * wg;
+        ib += b * wi;
+        fb += b * wf;
+        ob += b * wo;
+        gb += b * wg;
+    }
+    SUFFIX(add_to_gates)(ia, fa, oa, ga, gates_a, H, u, n);
+    SUFFIX(add_to_gates)(ib, fb, ob, gb, gates_b, H, u, n);
+}
+
+/* One row: the same sum with k split into even and odd halves, for 8 independent chains. */
+KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w, const REAL *hr,
+                                                          Py_ssize_t k0, Py_ssize_t k1,
+                                                          REAL *gates_r, Py_ssize_t H,
+                                                          Py_ssize_t u, Py_ssize_t n)
+{
+    VEC ie = {0}, fe = {0}, oe = {0}, ge = {0}, io = {0}, fo = {0}, oo = {0}, go = {0};
+    Py_ssize_t k = k0;
+    w += k0 * 4 * LANES;
+    for (; k + 2 <= k1; k += 2, w += 8 * LANES) {
+        VEC a = SUFFIX(vbroadcast)(hr[k]), b = SUFFIX(vbroadcast)(hr[k + 1]);
+        ie += a * SUFFIX(vload)(w);
+        fe += a * SUFFIX(vload)(w + LANES);
+        oe += a * SUFFIX(vload)(w + 2 * LANES);
+        ge += a * SUFFIX(vload)(w + 3 * LANES);
+        io += b * SUFFIX(vload)(w + 4 * LANES);
+        fo += b * SUFFIX(vload)(w + 5 * LANES);
+        oo += b * SUFFIX(vload)(w + 6 * LANES);
+        go += b * SUFFIX(vload)(w + 7 * LANES);
+    }
+    if (k < k1) {
+        VEC a = SUFFIX(vbroadcast)(hr[k]);
+        ie += a * SUFFIX(vload)(w);
+        fe += a * SUFFIX(vload)(w + LANES);
+        oe += a * SUFFIX(vload)(w + 2 * LANES);
+        ge += a * SUFFIX(vload)(w + 3 * LANES);
+    }
+    SUFFIX(add_to_gates)(ie + io, fe + fo, oe + oo, ge + go, gates_r, H, u, n);
+}
+
+/* k values per pass over a block's weights: KC·4·LANES values (8 KiB of float) stay in the
+ * 32 KiB L1 cache while every row pair of the batch reuses them. */
+#define KC 64
+
+/* One forward step for the hidden-unit blocks [blk_begin, blk_end) of `rows` batch rows:
+ *   gates[r, q·H + u] += Σ_k h_prev[r, k] · Wh[k, q·H + u]      (gates += h_prev @ Wh)
+ * then the cell update of those units. Row r of every array starts at r·H (r·4H for gates).
+ * `packed` is Wh arranged by pack_recurrent_weights: per block of LANES units, H rows of
+ * [i|f|o|g] × LANES (zero past H), so the k loop streams one contiguous run, in passes of KC
+ * values of k. Accumulators are named variables (an accumulator array went to the stack with
+ * gcc, DESIGN.md §6). */
+KERNEL_ATTR static void SUFFIX(forward_step)(const REAL *packed, Py_ssize_t H, Py_ssize_t rows,
+                                             const REAL *h_prev, REAL *gates, const REAL *c_prev,
+                                             REAL *c, REAL *h, REAL *tanh_c,
+                                             Py_ssize_t blk_begin, Py_ssize_t blk_end)
+{
+    const Py_ssize_t G = 4 * H;
+    for (Py_ssize_t blk = blk_begin; blk < blk_end; blk++) {
+        const REAL *w = packed + blk * H * 4 * LANES;
+        Py_ssize_t u = blk * LANES;
+        Py_ssize_t n = H - u < LANES ? H - u : LANES;
+        for (Py_ssize_t k0 = 0; k0 < H; k0 += KC) {
+            Py_ssize_t k1 = k0 + KC < H ? k0 + KC : H;
+            Py_ssize_t r = 0;
+            for (; r + 2 <= rows; r += 2)
+                SUFFIX(accumulate_two_rows)(w, h_prev + r * H, h_prev + (r + 1) * H, k0, k1,
+                                            gates + r * G, gates + (r + 1) * G, H, u, n);
+            if (r < rows)
+                SUFFIX(accumulate_one_row)(w, h_prev + r * H, k0, k1, gates + r * G, H, u, n);
+        }
+        for (Py_ssize_t r = 0; r < rows; r++)
+            SUFFIX(cell_update)(gates + r * G, H, c_prev + r * H, c + r * H, h + r * H,
+                                tanh_c ? tanh_c + r * H : NULL, u, u + n);
+    }
+}
+
+#undef KC
 
 /* Backward through the cell for hidden units [u_begin, u_end) of one row at step t:
  *   dh_t = dy + dh (dh: the gradient from step t+1),  dc_t = dc + dh_t·o·(1 - tanh_c²)
@@ -252,12 +315,12 @@ KERNEL_ATTR static inline REAL SUFFIX(vsum)(VEC v)
 KERNEL_ATTR static void SUFFIX(backward_dh)(const REAL *Wh, Py_ssize_t H, const REAL *da, REAL *dh,
                                             Py_ssize_t j_begin, Py_ssize_t j_end)
 {
-    Py_ssize_t K = 4 * H, k_vec = K / UNITS * UNITS;
+    Py_ssize_t K = 4 * H, k_vec = K / (2 * LANES) * (2 * LANES);
     Py_ssize_t j = j_begin;
     for (; j + 4 <= j_end; j += 4) {
         const REAL *w0 = Wh + j * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         VEC a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};
-        for (Py_ssize_t k = 0; k < k_vec; k += UNITS) {
+        for (Py_ssize_t k = 0; k < k_vec; k += 2 * LANES) {
             VEC d0 = SUFFIX(vload)(da + k), d1 = SUFFIX(vload)(da + k + LANES);
             a0 += SUFFIX(vload)(w0 + k) * d0;
             b0 += SUFFIX(vload)(w0 + k + LANES) * d1;
@@ -284,7 +347,7 @@ KERNEL_ATTR static void SUFFIX(backward_dh)(const REAL *Wh, Py_ssize_t H, const 
     for (; j < j_end; j++) {
         const REAL *w = Wh + j * K;
         VEC a = {0}, b = {0};
-        for (Py_ssize_t k = 0; k < k_vec; k += UNITS) {
+        for (Py_ssize_t k = 0; k < k_vec; k += 2 * LANES) {
             a += SUFFIX(vload)(w + k) * SUFFIX(vload)(da + k);
             b += SUFFIX(vload)(w + k + LANES) * SUFFIX(vload)(da + k + LANES);
         }
@@ -297,4 +360,3 @@ KERNEL_ATTR static void SUFFIX(backward_dh)(const REAL *Wh, Py_ssize_t H, const 
 
 #undef VEC
 #undef IVEC
-#undef UNITS
