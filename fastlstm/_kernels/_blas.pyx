@@ -29,11 +29,11 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
               <double *> A, &lda, &beta, C, &ldc)
 
 
-def _check_gemm(bint trans_a, bint trans_b, floating alpha, const floating[:, ::1] A,
-                const floating[:, ::1] B, floating beta, floating[:, ::1] C):
+def _check_gemm(bint trans_a, bint trans_b, double alpha, const floating[:, ::1] A,
+                const floating[:, ::1] B, double beta, floating[:, ::1] C):
     """Test entry point: C = alpha * op(A) @ op(B) + beta * C, in place."""
     cdef int m = C.shape[0], n = C.shape[1]
     cdef int k = A.shape[0] if trans_a else A.shape[1]
     with nogil:
-        gemm(trans_a, trans_b, m, n, k, alpha, &A[0, 0], A.shape[1], &B[0, 0], B.shape[1],
-             beta, &C[0, 0], C.shape[1])
+        gemm(trans_a, trans_b, m, n, k, <floating> alpha, &A[0, 0], A.shape[1], &B[0, 0],
+             B.shape[1], <floating> beta, &C[0, 0], C.shape[1])

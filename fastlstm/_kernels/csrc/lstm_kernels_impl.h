@@ -66,28 +66,24 @@ KERNEL_ATTR static inline VEC SUFFIX(vexp)(VEC x)
     return p * (VEC)two_to_n;
 }
 
-/* x clamped to [-EXP_CLAMP, EXP_CLAMP], NaN replaced by 0 (the callers put NaN back) */
-KERNEL_ATTR static inline VEC SUFFIX(vclamp_exp_arg)(VEC x)
+/* exp(x) for every x: vexp inside [-EXP_CLAMP, EXP_CLAMP], +inf above, 0 below (so that
+ * σ(±inf) and tanh(±inf) come out exactly 1, 0, ±1), NaN for NaN. */
+KERNEL_ATTR static inline VEC SUFFIX(vexp_saturating)(VEC x)
 {
-    const VEC bound = SUFFIX(vbroadcast)(EXP_CLAMP);
-    x = SUFFIX(vselect)((IVEC)(x > bound), bound, x);
-    x = SUFFIX(vselect)((IVEC)(x < -bound), -bound, x);
-    return SUFFIX(vselect)((IVEC)(x != x), SUFFIX(vbroadcast)(0), x);
+    const VEC bound = SUFFIX(vbroadcast)(EXP_CLAMP), zero = SUFFIX(vbroadcast)(0);
+    IVEC above = (IVEC)(x > bound), below = (IVEC)(x < -bound), nan = (IVEC)(x != x);
+    VEC inside = SUFFIX(vselect)(above | below | nan, zero, x);
+    VEC e = SUFFIX(vexp)(inside);
+    e = SUFFIX(vselect)(above, SUFFIX(vbroadcast)((REAL)__builtin_inf()), e);
+    e = SUFFIX(vselect)(below, zero, e);
+    return SUFFIX(vselect)(nan, x, e);
 }
 
-/* σ(x) = 1 / (1 + exp(-x)); saturates to 0 and 1, NaN stays NaN */
-KERNEL_ATTR static inline VEC SUFFIX(vsigmoid)(VEC x)
-{
-    VEC s = 1 / (1 + SUFFIX(vexp)(-SUFFIX(vclamp_exp_arg)(x)));
-    return SUFFIX(vselect)((IVEC)(x != x), x, s);
-}
+/* σ(x) = 1 / (1 + exp(-x)) */
+KERNEL_ATTR static inline VEC SUFFIX(vsigmoid)(VEC x) { return 1 / (1 + SUFFIX(vexp_saturating)(-x)); }
 
-/* tanh(x) = 1 - 2 / (1 + exp(2x)); abs error ~1 ulp of 1, saturates to ±1, NaN stays NaN */
-KERNEL_ATTR static inline VEC SUFFIX(vtanh)(VEC x)
-{
-    VEC t = 1 - 2 / (1 + SUFFIX(vexp)(SUFFIX(vclamp_exp_arg)(2 * x)));
-    return SUFFIX(vselect)((IVEC)(x != x), x, t);
-}
+/* tanh(x) = 1 - 2 / (1 + exp(2x)); abs error ~1 ulp of 1 */
+KERNEL_ATTR static inline VEC SUFFIX(vtanh)(VEC x) { return 1 - 2 / (1 + SUFFIX(vexp_saturating)(2 * x)); }
 
 KERNEL_ATTR static void SUFFIX(sigmoid_array)(const REAL *x, REAL *out, Py_ssize_t n)
 {
