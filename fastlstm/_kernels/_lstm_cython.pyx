@@ -69,10 +69,12 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
                                     const double *tanh_c, const double *dy, const double *dh,
                                     double *dc, double *da, Py_ssize_t u_begin,
                                     Py_ssize_t u_end)
-    void fastlstm_backward_dh_f32(const float *Wh, Py_ssize_t H, const float *da, float *dh,
-                                  Py_ssize_t j_begin, Py_ssize_t j_end)
-    void fastlstm_backward_dh_f64(const double *Wh, Py_ssize_t H, const double *da, double *dh,
-                                  Py_ssize_t j_begin, Py_ssize_t j_end)
+    void fastlstm_backward_dh_f32(const float *Wh, Py_ssize_t H, Py_ssize_t rows,
+                                  const float *da, float *dh, Py_ssize_t j_begin,
+                                  Py_ssize_t j_end)
+    void fastlstm_backward_dh_f64(const double *Wh, Py_ssize_t H, Py_ssize_t rows,
+                                  const double *da, double *dh, Py_ssize_t j_begin,
+                                  Py_ssize_t j_end)
 
 
 # ---- instruction set -------------------------------------------------------------------------
@@ -283,13 +285,11 @@ cdef void _backward_matvec(const floating *Wh, const floating *c0, const floatin
                                                tanh_c + step * H, dy + step * H, dh + row * H,
                                                dc + row * H, da + step * G, u_begin, u_end)
             fastlstm_barrier_wait(&barrier, team)
-            for row in range(B):
-                step = t * B + row
-                # dh[row, units] = da[t, row] @ Wh.T[:, units]
-                if floating is float:
-                    fastlstm_backward_dh_f32(Wh, H, da + step * G, dh + row * H, u_begin, u_end)
-                else:
-                    fastlstm_backward_dh_f64(Wh, H, da + step * G, dh + row * H, u_begin, u_end)
+            # dh[:, units] = da[t] @ Wh.T[:, units]
+            if floating is float:
+                fastlstm_backward_dh_f32(Wh, H, B, da + t * B * G, dh, u_begin, u_end)
+            else:
+                fastlstm_backward_dh_f64(Wh, H, B, da + t * B * G, dh, u_begin, u_end)
 
 
 cdef void _backward_batch(const floating *Wh, const floating *c0, const floating *gates,
