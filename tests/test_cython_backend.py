@@ -49,9 +49,9 @@ def n_threads(request):
         fastlstm.set_num_threads(before)
 
 
-@pytest.fixture(params=[1, 1000], ids=["batch-matvec", "batch-gemm"])
-def backward_matvec_limit(request, monkeypatch):
-    """Both backward time loops, whatever the batch size of the problem."""
+@pytest.fixture(params=[0, 1000], ids=["loop-gemm", "loop-matvec"])
+def matvec_max_batch(request, monkeypatch):
+    """Both kinds of time loop, whatever the batch size of the problem."""
     monkeypatch.setattr(cython_backend, "MATVEC_MAX_BATCH", request.param)
     return request.param
 
@@ -60,10 +60,10 @@ def backward_matvec_limit(request, monkeypatch):
 @pytest.mark.parametrize(
     "shape",
     [(1, 1, 1, 1), (6, 1, 7, 13), (5, 3, 1, 17), (4, 2, 9, 1), (7, 5, 16, 33), (12, 1, 64, 128),
-     (300, 2, 4, 6)],
+     (300, 2, 4, 6), (3, 5, 7, 200)],
     ids=lambda s: "T{}B{}D{}H{}".format(*s),
 )
-def test_kernels_match_reference(shape, dtype, simd, n_threads, backward_matvec_limit):
+def test_kernels_match_reference(shape, dtype, simd, n_threads, matvec_max_batch):
     """Forward outputs and every gradient of both kernel builds against the float64 reference."""
     args = make_problem(*shape, dtype=dtype)
     dy, dh_T, dc_T = make_upstream(shape[0], shape[1], shape[3], dtype=dtype)

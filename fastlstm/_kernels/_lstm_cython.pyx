@@ -6,15 +6,13 @@ regions of exactly ``n_threads`` threads. BLAS (through `_blas.gemm`) is called 
 those regions on row or column partitions, so the caller must hold BLAS to one thread:
 one owner of the cores per call (DESIGN.md §6).
 
-Forward time loop: the threads split the hidden units (all four gates of a unit together) and
-run the whole sequence in ONE parallel region with a barrier per step; each step is a fused
-product over pre-arranged (packed) recurrent weights, two batch rows at a time, plus the cell
-update (forward_step in csrc/lstm_kernels_impl.h). Each thread streams only its share of the
-weights, and no gemm repacks Wh at every step (measured: OpenBLAS spent 24% of a per-step
-sgemm of S3 in packing Wh).
-Backward time loop, chosen by the caller (``use_matvec``):
-- matvec (small batches): the same unit split, with dh = da @ Wh.T as a fused matrix-vector
-  kernel over Wh's natural rows.
+Two ways through the time loops, chosen by the caller (``use_matvec``):
+- matvec (small batches): the threads split the hidden units (all four gates of a unit
+  together) and run the whole sequence in ONE parallel region with a barrier per step. A
+  forward step is a fused product over pre-arranged (packed) recurrent weights, two batch rows
+  at a time, plus the cell update (forward_step in csrc/lstm_kernels_impl.h); a backward step
+  is the cell's backward and dh = da @ Wh.T over Wh's natural rows. Each thread streams only its
+  share of the weights, and nothing repacks them per step.
 - batch: the threads split the batch rows, which are independent over the whole sequence, and
   each runs its own single-threaded gemm per step with no synchronisation at all.
 The input projection ``x @ Wx`` and, in backward, dx, dWx and dWh are single large GEMMs
@@ -222,14 +220,49 @@ cdef void _forward_recurrence(const floating *packed, const floating *h0, const 
             fastlstm_barrier_wait(&barrier, team)
 
 
-def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[::1] b,
-            const floating[::1] packed, const floating[:, ::1] h0, const floating[:, ::1] c0,
-            floating[:, :, ::1] gates, floating[:, :, ::1] y, floating[:, :, ::1] c_store,
-            floating[:, :, ::1] tanh_c, int n_threads):
+cdef void _forward_batch(const floating *Wh, const floating *h0, const floating *c0,
+                         floating *gates, floating *y, floating *c_store, floating *tanh_c,
+                         Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
+                         int n_threads) noexcept nogil:
+    """The time loop for batches: threads split the batch rows and never synchronise."""
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t row_begin, row_end, t, row, step
+    cdef const floating *h_prev
+    cdef const floating *c_prev
+    cdef floating *c
+    cdef floating *tc
+    with parallel(num_threads=n_threads):
+        row_begin = _bound(B, fastlstm_team_size(), threadid(), 1)
+        row_end = _bound(B, fastlstm_team_size(), threadid() + 1, 1)
+        for t in range(T):
+            if row_end > row_begin:
+                step = t * B + row_begin
+                h_prev = h0 + row_begin * H if t == 0 else y + (step - B) * H
+                # gates[t, rows] += h_prev[rows] @ Wh
+                gemm(False, False, row_end - row_begin, G, H, 1, h_prev, H, Wh, G, 1,
+                     gates + step * G, G)
+            for row in range(row_begin, row_end):
+                step = t * B + row
+                c = c_store + (step * H if keep_history else row * H)
+                c_prev = (c0 + row * H if t == 0 else c - B * H) if keep_history else c
+                tc = tanh_c + step * H if keep_history else NULL
+                if floating is float:
+                    fastlstm_cell_update_f32(gates + step * G, H, c_prev, c, y + step * H, tc,
+                                             0, H)
+                else:
+                    fastlstm_cell_update_f64(gates + step * G, H, c_prev, c, y + step * H, tc,
+                                             0, H)
+
+
+def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
+            const floating[::1] b, const floating[::1] packed, const floating[:, ::1] h0,
+            const floating[:, ::1] c0, floating[:, :, ::1] gates, floating[:, :, ::1] y,
+            floating[:, :, ::1] c_store, floating[:, :, ::1] tanh_c, bint use_matvec,
+            int n_threads):
     """LSTM forward pass into preallocated arrays.
 
-    Inputs: x (T, B, D), Wx (D, 4H), b (4H,), h0, c0 (B, H); packed: Wh (H, 4H) arranged by
-    `pack_recurrent_weights`.
+    Inputs: x (T, B, D), Wx (D, 4H), Wh (H, 4H), b (4H,), h0, c0 (B, H); packed: Wh arranged
+    by `pack_recurrent_weights` (read only with use_matvec).
     Outputs: gates (T, B, 4H): the activated gates i, f, o, g; y (T, B, H);
     c_store: (T, B, H) cell states of every step, or (1, B, H) holding c0 on entry and c_T on
     exit when no history is kept; tanh_c: (T, B, H) tanh of every cell state, or an empty array
@@ -241,8 +274,13 @@ def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floati
     with nogil:
         _input_projection(&x[0, 0, 0], &Wx[0, 0], &b[0], &gates[0, 0, 0], T * B, D, H,
                           n_threads)
-        _forward_recurrence(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
-                            &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads)
+        if use_matvec:
+            _forward_recurrence(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0],
+                                &y[0, 0, 0], &c_store[0, 0, 0], tanh_c_ptr, T, B, H,
+                                keep_history, n_threads)
+        else:
+            _forward_batch(&Wh[0, 0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
+                           &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads)
 
 
 # ---- backward --------------------------------------------------------------------------------
