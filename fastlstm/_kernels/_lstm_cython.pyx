@@ -184,7 +184,7 @@ cdef void _input_projection(const floating *x, const floating *Wx, const floatin
 
 # ---- forward ---------------------------------------------------------------------------------
 
-cdef void _forward_recurrence(const floating *packed, const floating *h0, const floating *c0,
+cdef void _forward_matvec(const floating *packed, const floating *h0, const floating *c0,
                           floating *gates, floating *y, floating *c_store, floating *tanh_c,
                           Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
                           int n_threads) noexcept nogil:
@@ -275,7 +275,7 @@ def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floati
         _input_projection(&x[0, 0, 0], &Wx[0, 0], &b[0], &gates[0, 0, 0], T * B, D, H,
                           n_threads)
         if use_matvec:
-            _forward_recurrence(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0],
+            _forward_matvec(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0],
                                 &y[0, 0, 0], &c_store[0, 0, 0], tanh_c_ptr, T, B, H,
                                 keep_history, n_threads)
         else:
