@@ -41,7 +41,7 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
     ctypedef struct fastlstm_barrier:
         pass
     void fastlstm_barrier_init(fastlstm_barrier *barrier)
-    void fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
+    int fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
 
     void fastlstm_sigmoid_array_f32(const float *x, float *out, Py_ssize_t n)
     void fastlstm_sigmoid_array_f64(const double *x, double *out, Py_ssize_t n)
@@ -217,7 +217,13 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
             else:
                 fastlstm_forward_step_f64(packed, H, B, h_prev, gates + t * B * G, c_prev, c,
                                           y + t * BH, tc, blk_begin, blk_end)
-            fastlstm_barrier_wait(&barrier, team)
+            if fastlstm_barrier_wait(&barrier, team):
+                # the cores are busy elsewhere: thread 0 finishes the sequence alone
+                if threadid() != 0:
+                    break
+                team = 1
+                blk_begin = 0
+                blk_end = n_blocks
 
 
 cdef void _forward_batch(const floating *Wh, const floating *h0, const floating *c0,
@@ -322,7 +328,13 @@ cdef void _backward_matvec(const floating *Wh, const floating *c0, const floatin
                     fastlstm_backward_cell_f64(gates + step * G, H, _c_prev(c0, c_all, t, row, B, H),
                                                tanh_c + step * H, dy + step * H, dh + row * H,
                                                dc + row * H, da + step * G, u_begin, u_end)
-            fastlstm_barrier_wait(&barrier, team)
+            if fastlstm_barrier_wait(&barrier, team):
+                # the cores are busy elsewhere: thread 0 finishes the sequence alone
+                if threadid() != 0:
+                    break
+                team = 1
+                u_begin = 0
+                u_end = H
             # dh[:, units] = da[t] @ Wh.T[:, units]
             if floating is float:
                 fastlstm_backward_dh_f32(Wh, H, B, da + t * B * G, dh, u_begin, u_end)

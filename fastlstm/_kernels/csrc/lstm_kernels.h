@@ -157,9 +157,12 @@ static int fastlstm_team_size(void)
  * cores are shared: when the partner thread is descheduled, spinning (or sched_yield) holds the
  * core it may need and a 100-step call took 28 ms instead of 0.3 ms. So a waiter spins for
  * FASTLSTM_SPINS_BEFORE_SLEEP polls (a few µs, longer than a step) and then sleeps on a futex;
- * the last thread to arrive wakes the sleepers. */
+ * the last thread to arrive wakes the sleepers. Even so, lockstep threads on busy cores pay a
+ * wake-up per step (measured 28 ms for S2 against 1.9 ms on one thread), so a wait that had to
+ * sleep marks the barrier contended, and the next release tells every thread to go on alone
+ * (fastlstm_barrier_wait returns 1 to all of them at the same step; thread 0 then takes over
+ * all the work and the others leave the loop). */
 #define FASTLSTM_SPINS_BEFORE_SLEEP 4000
-
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -189,6 +192,8 @@ typedef struct {
     int arrived;
     int generation;
     int sleepers;
+    int contended; /* set by a waiter that had to sleep */
+    int solo;      /* the decision published with the last release: 1 = go on alone */
 } fastlstm_barrier;
 
 static void fastlstm_barrier_init(fastlstm_barrier *barrier)
@@ -196,6 +201,8 @@ static void fastlstm_barrier_init(fastlstm_barrier *barrier)
     barrier->arrived = 0;
     barrier->generation = 0;
     barrier->sleepers = 0;
+    barrier->contended = 0;
+    barrier->solo = 0;
 }
 
 static inline void fastlstm_cpu_relax(void)
@@ -205,19 +212,23 @@ static inline void fastlstm_cpu_relax(void)
 #endif
 }
 
-static void fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
+/* Wait for all `team` threads; returns 1 (to every thread alike) when the team should stop
+ * working in lockstep, see above. */
+static int fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
 {
     if (team <= 1)
-        return;
+        return 0;
     int generation = __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&barrier->arrived, 1, __ATOMIC_ACQ_REL) == team) {
         __atomic_store_n(&barrier->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&barrier->solo, __atomic_load_n(&barrier->contended, __ATOMIC_SEQ_CST),
+                         __ATOMIC_RELAXED);
         /* sequentially consistent with the sleepers' increment and re-check below: either a
          * sleeper sees the new generation before sleeping, or this sees the sleeper */
         __atomic_store_n(&barrier->generation, generation + 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&barrier->sleepers, __ATOMIC_SEQ_CST) > 0)
             fastlstm_wake_all(&barrier->generation);
-        return;
+        return __atomic_load_n(&barrier->solo, __ATOMIC_RELAXED);
     }
     for (int spins = 0; __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE) == generation;) {
         if (spins < FASTLSTM_SPINS_BEFORE_SLEEP) {
@@ -225,11 +236,13 @@ static void fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
             fastlstm_cpu_relax();
             continue;
         }
+        __atomic_store_n(&barrier->contended, 1, __ATOMIC_SEQ_CST);
         __atomic_add_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&barrier->generation, __ATOMIC_SEQ_CST) == generation)
             fastlstm_sleep_while_equal(&barrier->generation, generation);
         __atomic_sub_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
     }
+    return __atomic_load_n(&barrier->solo, __ATOMIC_RELAXED);
 }
 
 #endif /* FASTLSTM_LSTM_KERNELS_H */
