@@ -86,6 +86,11 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     return dx, dh, dc, dWx, dWh, db
 
 
+def cells_from_cache(cache, c_T):
+    """Cell state c_t at every step, (T, B, H), from a forward cache (for `LSTM` return_cells)."""
+    return cache[7]
+
+
 def speed_rank(T, B, D, H):
     """Preference for backend=None (higher wins; numba's backend ranks 1, the reference 0).
 
