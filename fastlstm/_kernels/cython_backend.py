@@ -1,7 +1,7 @@
 """Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 chosen at run time.
 
-This module is the glue: it allocates outputs and scratch, packs the recurrent weights for the
-small-batch kernels, holds BLAS to one thread while the kernels' own threads run (they call BLAS
+This module is the glue: it allocates outputs and scratch, packs the recurrent weights (Wh for
+the forward kernels, Wh.T for the backward's batch loop), holds BLAS to one thread while the kernels' own threads run (they call BLAS
 on their share of the work, DESIGN.md §6) and calls `_lstm_cython`.
 """
 
@@ -31,11 +31,11 @@ class PackedWeights(NamedTuple):
 
 
 def pack(Wh):
-    """Arrange the recurrent weights Wh (H, 4H) for the small-batch forward kernel.
+    """Arrange the recurrent weights Wh (H, 4H) for the forward kernels.
 
     A layer that keeps its weights between calls packs them once and passes the result as
     ``forward(..., packed=...)`` (with that same Wh array; pack again after changing Wh),
-    otherwise every small-batch forward call packs them (S2: ~0.1 ms of the call's time).
+    otherwise every forward call packs them (S2: ~0.1 ms of the call's time, S5: ~5 ms).
     """
     Wh = np.ascontiguousarray(Wh)
     packed = np.empty(_lstm_cython.packed_size(Wh.shape[0], Wh.dtype.itemsize), Wh.dtype)
@@ -48,9 +48,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, packed=None):
     T, B, _ = x.shape
     H = Wh.shape[0]
     use_matvec = B <= MATVEC_MAX_BATCH
-    if not use_matvec:
-        packed_array = np.empty(0, x.dtype)
-    elif packed is not None and packed.Wh is Wh:
+    if packed is not None and packed.Wh is Wh:
         packed_array = packed.packed
     else:
         packed_array = pack(Wh).packed
@@ -80,9 +78,16 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     dWx = np.empty_like(Wx)
     dWh = np.empty_like(Wh)
     db = np.empty(Wh.shape[1], x.dtype)
+    use_matvec = B <= MATVEC_MAX_BATCH
+    packed_t = np.empty(
+        0 if use_matvec else _lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize),
+        x.dtype,
+    )
+    if not use_matvec:
+        _lstm_cython.pack_transposed_weights(Wh, packed_t)
     with _threads.blas_threads(1):
         _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx,
-                              dWx, dWh, db, B <= MATVEC_MAX_BATCH, n_threads)
+                              dWx, dWh, db, packed_t, use_matvec, n_threads)
     return dx, dh, dc, dWx, dWh, db
 
 
