@@ -49,10 +49,10 @@ def n_threads(request):
         fastlstm.set_num_threads(before)
 
 
-@pytest.fixture(params=[0, 1000], ids=["loop-gemm", "loop-matvec"])
-def matvec_max_batch(request, monkeypatch):
+@pytest.fixture(params=[0, 10**6], ids=["loop-tiles", "loop-matvec"])
+def min_rows_per_thread(request, monkeypatch):
     """Both kinds of time loop, whatever the batch size of the problem."""
-    monkeypatch.setattr(cython_backend, "MATVEC_MAX_BATCH", request.param)
+    monkeypatch.setattr(cython_backend, "MIN_ROWS_PER_THREAD", request.param)
     return request.param
 
 
@@ -63,7 +63,7 @@ def matvec_max_batch(request, monkeypatch):
      (300, 2, 4, 6), (3, 5, 7, 200), (3, 12, 5, 19), (4, 14, 6, 37)],
     ids=lambda s: "T{}B{}D{}H{}".format(*s),
 )
-def test_kernels_match_reference(shape, dtype, simd, n_threads, matvec_max_batch):
+def test_kernels_match_reference(shape, dtype, simd, n_threads, min_rows_per_thread):
     """Forward outputs and every gradient of both kernel builds against the float64 reference."""
     args = make_problem(*shape, dtype=dtype)
     dy, dh_T, dc_T = make_upstream(shape[0], shape[1], shape[3], dtype=dtype)
