@@ -1,0 +1,524 @@
+"""Numba backend: the LSTM time loop compiled, with the large products left to BLAS.
+
+Where the time goes, and what each part here does about it (DESIGN.md §6 has the measurements):
+
+* Only ``h_{t-1} @ Wh`` (forward) and ``da_t @ Wh.T`` (backward) are sequential. The input
+  projection ``x @ Wx`` for all T·B rows is one GEMM before the loop, and dx, dWx, dWh, db are
+  GEMMs / a reduction after it, all in NumPy's multi-threaded BLAS.
+* The gate update (σ, tanh, c and h) is fused into one pass per step. float32 uses a rational
+  tanh that vectorizes (scalar ``math.tanh`` does not: no SVML in llvmlite); float64 keeps the
+  exact ``math`` functions, because the float64 tolerance is 1e-10.
+* Batch rows are independent for the whole sequence, so with several rows each thread takes a
+  chunk of rows and runs the whole time loop on it: no synchronisation per step.
+* With one row, a BLAS GEMM on a single row is slow (~25–50 µs per step), so the recurrent
+  product is a matrix-vector kernel over weights packed so that the four gates of a block of
+  hidden units are adjacent; the hidden blocks are split across the threads, with one parallel
+  launch per step as the barrier.
+
+Threads: one owner of the cores per call. Numba's threads run the loop; BLAS calls inside a
+parallel region run single-threaded (`blas_threads(1)`), and `n_threads` sets Numba's count for
+the call.
+"""
+
+import os
+import threading
+
+import numba
+import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (loaded now so the BLAS thread control sees it)
+from numba import njit, prange
+from numba.extending import overload
+
+from .._backends import Backend
+from .._threads import blas_threads
+
+# --------------------------------------------------------------------------------------------
+# Threading layer
+# --------------------------------------------------------------------------------------------
+
+#: Order of preference. 'workqueue' costs ~145 µs per parallel launch here (DESIGN.md §6), the
+#: others 1.3–1.7 µs; 'omp' comes first because it is what was measured and it ships with
+#: the Numba wheels (it needs libgomp), 'tbb' needs the separate tbb package.
+_LAYER_PREFERENCE = ("omp", "tbb", "workqueue")
+
+
+def _layer_loads(layer):
+    module = {"omp": "omppool", "tbb": "tbbpool", "workqueue": "workqueue"}[layer]
+    try:
+        __import__(f"numba.np.ufunc.{module}")
+    except ImportError:
+        return False
+    return True
+
+
+def _choose_threading_layer():
+    """Ask Numba for the best layer that loads, unless the user chose one through the env."""
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    for layer in _LAYER_PREFERENCE:
+        if _layer_loads(layer):
+            numba.config.THREADING_LAYER = layer
+            return
+
+
+_choose_threading_layer()
+
+# --------------------------------------------------------------------------------------------
+# Activations
+# --------------------------------------------------------------------------------------------
+
+#: |x| above which tanh(x) is taken as tanh(±_TANH_CLAMP); float32 tanh(7.9) = 0.99999976.
+_TANH_CLAMP = np.float32(7.9)
+#: tanh(x) ≈ x·P(x²)/Q(x²) on [0, 7.9]; fitted here (Lawson-weighted linearised least squares,
+#: minimax): 1.5e-8 max abs error in exact arithmetic, 3.4e-7 when evaluated in float32.
+_TANH_P = tuple(np.float32(v) for v in (
+    0.9999999230918841, 0.1297846342771903, 0.002985235026267957,
+    9.877257553525392e-06, -1.4720258023640426e-08, 2.3617783115957472e-11,
+))
+_TANH_Q = tuple(np.float32(v) for v in (
+    1.0, 0.46311764963073754, 0.02402483554506214, 0.00023714430336797948,
+))
+_P0, _P1, _P2, _P3, _P4, _P5 = _TANH_P
+_Q0, _Q1, _Q2, _Q3 = _TANH_Q
+_HALF32 = np.float32(0.5)
+_ONE64 = 1.0
+
+
+def tanh_act(x):
+    """tanh(x) as the kernels compute it (float32: rational approximation; float64: exact)."""
+    return np.tanh(x)
+
+
+def sigmoid_act(x):
+    """1 / (1 + exp(-x)) as the kernels compute it."""
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+def _tanh_float32(x):
+    # Comparisons rather than min/max so that NaN falls through both and propagates.
+    if x > _TANH_CLAMP:
+        x = _TANH_CLAMP
+    elif x < -_TANH_CLAMP:
+        x = -_TANH_CLAMP
+    s = x * x
+    p = ((((_P5 * s + _P4) * s + _P3) * s + _P2) * s + _P1) * s + _P0
+    q = ((_Q3 * s + _Q2) * s + _Q1) * s + _Q0
+    return x * p / q
+
+
+@overload(tanh_act, jit_options={"fastmath": {"contract"}})
+def _tanh_act_impl(x):
+    if x == numba.float32:
+        return lambda x: _tanh_float32(x)
+    return lambda x: np.tanh(x)
+
+
+@overload(sigmoid_act, jit_options={"fastmath": {"contract"}})
+def _sigmoid_act_impl(x):
+    if x == numba.float32:
+        # σ(x) = 1/2 + tanh(x/2)/2: one vectorizable rational instead of exp and a division.
+        return lambda x: _HALF32 + _HALF32 * _tanh_float32(_HALF32 * x)
+    return lambda x: _ONE64 / (_ONE64 + np.exp(-x))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+#: 'numpy' error model: Python's division checks block vectorisation (5x on tanh). 'contract'
+#: allows FMA, 'reassoc' vectorized reductions; no 'nnan'/'ninf', so NaN and Inf propagate.
+#: Summation order depends only on the compiled code and on shapes, never on timing: results
+#: are bit-identical run to run.
+_JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})
+
+#: Hidden units per block of the packed recurrent weights (four gates × 16 units = 64 lanes).
+UNITS_PER_BLOCK = 16
+
+
+@njit(**_JIT)
+def _matvec_columns(vec, W, out, lo, hi):
+    """out[lo:hi] = vec @ W[:, lo:hi]   (vec: (K,), W: (K, N), out: (N,)).
+
+    Row-by-row axpy over a contiguous column range, four rows per pass so the partial sums in
+    ``out`` are loaded and stored once per four FMAs.
+    """
+    K = vec.shape[0]
+    for m in range(lo, hi):
+        out[m] = 0
+    k = 0
+    while k + 4 <= K:
+        v0, v1, v2, v3 = vec[k], vec[k + 1], vec[k + 2], vec[k + 3]
+        w0, w1, w2, w3 = W[k], W[k + 1], W[k + 2], W[k + 3]
+        for m in range(lo, hi):
+            out[m] += v0 * w0[m] + v1 * w1[m] + v2 * w2[m] + v3 * w3[m]
+        k += 4
+    while k < K:
+        v0 = vec[k]
+        w0 = W[k]
+        for m in range(lo, hi):
+            out[m] += v0 * w0[m]
+        k += 1
+
+
+@njit(**_JIT)
+def _cell_forward(pre, pre_base, pre_stride, xproj_row, b, c_prev, j0, n,
+                  gates_row, c_row, tanh_c_row, h_row):
+    """Gate update for hidden units j0 .. j0+n-1 of one batch row.
+
+    Pre-activations are ``a[gate, j] = pre[pre_base + gate*pre_stride + j - j0]
+    + xproj_row[gate*H + j] + b[gate*H + j]`` (``pre`` holds h_{t-1} @ Wh, natural or packed).
+    Writes the activated gates (natural layout i, f, o, g), c_t, tanh(c_t) and h_t.
+    """
+    H = c_prev.shape[0]
+    for u in range(n):
+        j = j0 + u
+        p = pre_base + u
+        a_i = pre[p] + xproj_row[j] + b[j]
+        a_f = pre[p + pre_stride] + xproj_row[H + j] + b[H + j]
+        a_o = pre[p + 2 * pre_stride] + xproj_row[2 * H + j] + b[2 * H + j]
+        a_g = pre[p + 3 * pre_stride] + xproj_row[3 * H + j] + b[3 * H + j]
+        i = sigmoid_act(a_i)
+        f = sigmoid_act(a_f)
+        o = sigmoid_act(a_o)
+        g = tanh_act(a_g)
+        c = f * c_prev[j] + i * g
+        tanh_c = tanh_act(c)
+        gates_row[j] = i
+        gates_row[H + j] = f
+        gates_row[2 * H + j] = o
+        gates_row[3 * H + j] = g
+        c_row[j] = c
+        tanh_c_row[j] = tanh_c
+        h_row[j] = o * tanh_c
+
+
+@njit(**_JIT)
+def _cell_forward_packed_blocks(pre, xproj_row, b, c_prev, blk_lo, blk_hi,
+                                gates_row, c_row, tanh_c_row, h_row):
+    """`_cell_forward` over hidden blocks blk_lo..blk_hi-1 of a packed pre-activation row."""
+    H = c_prev.shape[0]
+    V = UNITS_PER_BLOCK
+    for blk in range(blk_lo, blk_hi):
+        j0 = blk * V
+        _cell_forward(pre, blk * 4 * V, V, xproj_row, b, c_prev, j0, min(V, H - j0),
+                      gates_row, c_row, tanh_c_row, h_row)
+
+
+@njit(**_JIT)
+def _forward_rows(xproj, b, Wh, Wh_packed, use_matvec, r0, r1, h0, y, cells, gates, tanh_cells):
+    """The whole time loop for batch rows r0..r1-1 (rows are independent of each other).
+
+    xproj: (T, B, 4H) = x @ Wx;  y: (T, B, H) out;  cells: (Tc, B, H), c_t in slot (t+1) % Tc,
+    c0 already in slot 0;  gates: (Tg, B, 4H), tanh_cells: (Tg, B, H), step t in slot t % Tg.
+    With ``use_matvec`` each row's h @ Wh is `_matvec_columns` over Wh_packed (H, 4·Hp);
+    otherwise one BLAS GEMM for the chunk, ``np.dot(h_prev[r0:r1], Wh)``.
+    """
+    T = xproj.shape[0]
+    H = y.shape[2]
+    n_blocks = (H + UNITS_PER_BLOCK - 1) // UNITS_PER_BLOCK
+    Tc = cells.shape[0]
+    Tg = gates.shape[0]
+    if use_matvec:
+        pre = np.empty((1, Wh_packed.shape[1]), dtype=xproj.dtype)
+    else:
+        pre = np.empty((r1 - r0, 4 * H), dtype=xproj.dtype)
+    for t in range(T):
+        h_prev = h0 if t == 0 else y[t - 1]
+        c_prev = cells[t % Tc]
+        c_new = cells[(t + 1) % Tc]
+        if not use_matvec:
+            np.dot(h_prev[r0:r1], Wh, pre)
+        for r in range(r0, r1):
+            g_row = gates[t % Tg, r]
+            tc_row = tanh_cells[t % Tg, r]
+            if use_matvec:
+                _matvec_columns(h_prev[r], Wh_packed, pre[0], 0, Wh_packed.shape[1])
+                _cell_forward_packed_blocks(pre[0], xproj[t, r], b, c_prev[r], 0, n_blocks,
+                                            g_row, c_new[r], tc_row, y[t, r])
+            else:
+                _cell_forward(pre[r - r0], 0, H, xproj[t, r], b, c_prev[r], 0, H,
+                              g_row, c_new[r], tc_row, y[t, r])
+
+
+@njit(parallel=True, **_JIT)
+def _forward_batch_chunks(xproj, b, Wh, Wh_packed, use_matvec, n_chunks,
+                          h0, y, cells, gates, tanh_cells):
+    """Split the batch into n_chunks contiguous chunks; each thread runs `_forward_rows`."""
+    B = xproj.shape[1]
+    for chunk in prange(n_chunks):
+        _forward_rows(xproj, b, Wh, Wh_packed, use_matvec,
+                      chunk * B // n_chunks, (chunk + 1) * B // n_chunks,
+                      h0, y, cells, gates, tanh_cells)
+
+
+@njit(parallel=True, **_JIT)
+def _forward_split_hidden(xproj, b, Wh_packed, n_parts, h0, y, cells, gates, tanh_cells):
+    """Rows one after the other; within a step the hidden blocks are split into n_parts.
+
+    One parallel launch per step is the barrier: step t reads all of h_{t-1}.
+    """
+    T, B = xproj.shape[0], xproj.shape[1]
+    H = h0.shape[1]
+    V = UNITS_PER_BLOCK
+    n_blocks = (H + V - 1) // V
+    Tc = cells.shape[0]
+    Tg = gates.shape[0]
+    pre = np.empty(Wh_packed.shape[1], dtype=xproj.dtype)
+    for r in range(B):
+        for t in range(T):
+            h_prev = h0[r] if t == 0 else y[t - 1, r]
+            c_prev = cells[t % Tc, r]
+            for part in prange(n_parts):
+                blk_lo = part * n_blocks // n_parts
+                blk_hi = (part + 1) * n_blocks // n_parts
+                _matvec_columns(h_prev, Wh_packed, pre, blk_lo * 4 * V, blk_hi * 4 * V)
+                _cell_forward_packed_blocks(pre, xproj[t, r], b, c_prev, blk_lo, blk_hi,
+                                            gates[t % Tg, r], cells[(t + 1) % Tc, r],
+                                            tanh_cells[t % Tg, r], y[t, r])
+
+
+@njit(**_JIT)
+def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, da_row):
+    """Gradients of one step for one batch row, all hidden units.
+
+    In: dh_carry = dL/dh_t from step t+1 (da_{t+1} @ Wh.T), dy_row = dL/dy_t, dc = dL/dc_t
+    (updated in place to dL/dc_{t-1}). Out: da_row = dL/da_t (pre-activations, i, f, o, g).
+    Written without constants (i - i*i is i*(1 - i)) so float32 stays float32.
+    """
+    H = dc.shape[0]
+    for j in range(H):
+        i = gates_row[j]
+        f = gates_row[H + j]
+        o = gates_row[2 * H + j]
+        g = gates_row[3 * H + j]
+        tanh_c = tanh_c_row[j]
+        dh = dy_row[j] + dh_carry[j]
+        dh_o = dh * o
+        dc_t = dc[j] + (dh_o - dh_o * tanh_c * tanh_c)
+        d_i = dc_t * g
+        d_f = dc_t * c_prev[j]
+        d_o = dh * tanh_c
+        d_g = dc_t * i
+        dc[j] = dc_t * f
+        da_row[j] = d_i * i - d_i * i * i
+        da_row[H + j] = d_f * f - d_f * f * f
+        da_row[2 * H + j] = d_o * o - d_o * o * o
+        da_row[3 * H + j] = d_g - d_g * g * g
+
+
+@njit(**_JIT)
+def _backward_rows(dy, gates, cells, tanh_cells, WhT, use_matvec, r0, r1, dh, dc, dgates):
+    """BPTT over the whole sequence for batch rows r0..r1-1.
+
+    dh, dc: (B, H), in: dL/dh_T, dL/dc_T; out: dL/dh0, dL/dc0. dgates: (T, B, 4H) out, dL/da_t.
+    WhT: (4H, H) = Wh.T. ``dh_{t-1} = da_t @ Wh.T`` is `_matvec_columns` per row or one GEMM.
+    """
+    T = dy.shape[0]
+    H = dy.shape[2]
+    carry = np.empty((r1 - r0, H), dtype=dy.dtype)
+    for t in range(T - 1, -1, -1):
+        carry[:] = dh[r0:r1]
+        for r in range(r0, r1):
+            _cell_backward(carry[r - r0], dy[t, r], dc[r], gates[t, r], cells[t, r],
+                           tanh_cells[t, r], dgates[t, r])
+        if use_matvec:
+            for r in range(r0, r1):
+                _matvec_columns(dgates[t, r], WhT, dh[r], 0, H)
+        else:
+            np.dot(dgates[t, r0:r1], WhT, dh[r0:r1])
+
+
+@njit(parallel=True, **_JIT)
+def _backward_batch_chunks(dy, gates, cells, tanh_cells, WhT, use_matvec, n_chunks,
+                           dh, dc, dgates):
+    """Split the batch into n_chunks contiguous chunks; each thread runs `_backward_rows`."""
+    B = dy.shape[1]
+    for chunk in prange(n_chunks):
+        _backward_rows(dy, gates, cells, tanh_cells, WhT, use_matvec,
+                       chunk * B // n_chunks, (chunk + 1) * B // n_chunks, dh, dc, dgates)
+
+
+@njit(parallel=True, **_JIT)
+def _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_parts, dh, dc, dgates):
+    """Rows one after the other; within a step dh_{t-1} is split into n_parts column ranges.
+
+    Every part computes the (cheap, O(H)) gate gradients of all units itself into its own
+    buffers, so the only shared state is dh, and one parallel launch per step is the barrier.
+    """
+    T, B, H = dy.shape
+    G = 4 * H
+    da = np.empty((n_parts, G), dtype=dy.dtype)
+    dc_part = np.empty((n_parts, H), dtype=dy.dtype)
+    dh_next = np.empty((2, H), dtype=dy.dtype)
+    for r in range(B):
+        for part in range(n_parts):
+            dc_part[part] = dc[r]
+        dh_next[T % 2] = dh[r]
+        for t in range(T - 1, -1, -1):
+            for part in prange(n_parts):
+                lo = part * H // n_parts
+                hi = (part + 1) * H // n_parts
+                _cell_backward(dh_next[(t + 1) % 2], dy[t, r], dc_part[part], gates[t, r],
+                               cells[t, r], tanh_cells[t, r], da[part])
+                _matvec_columns(da[part], WhT, dh_next[t % 2], lo, hi)
+                for gate in range(4):
+                    for j in range(lo, hi):
+                        dgates[t, r, gate * H + j] = da[part, gate * H + j]
+        dh[r] = dh_next[0]
+        dc[r] = dc_part[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: which kernel for which shape (measured, see the module docstring)
+# --------------------------------------------------------------------------------------------
+
+#: Rows per thread up to which the matrix-vector kernel beats a BLAS GEMM per step.
+MATVEC_MAX_ROWS = 2
+#: Smallest H for which splitting one row's hidden units across threads pays for the
+#: per-step parallel launch (~1.5 µs with 'omp').
+SPLIT_HIDDEN_MIN_H = 128
+
+
+def _plan(B, H, n_threads):
+    """Return (mode, n_workers, use_matvec); mode is "chunks" or "split_hidden"."""
+    if B == 1 and n_threads > 1 and H >= SPLIT_HIDDEN_MIN_H:
+        return "split_hidden", n_threads, True
+    n_chunks = max(1, min(n_threads, B))
+    return "chunks", n_chunks, (B // n_chunks) <= MATVEC_MAX_ROWS
+
+
+def pack_recurrent_weights(Wh):
+    """(H, 4H) gate-major columns -> (H, 4·Hp) with the 4 gates of each 16-unit block adjacent.
+
+    Packed column ``blk*64 + gate*16 + v`` is original column ``gate*H + blk*16 + v``; units
+    past H (padding up to a multiple of 16) get zero columns.
+    """
+    H = Wh.shape[0]
+    V = UNITS_PER_BLOCK
+    n_blocks = (H + V - 1) // V
+    packed = np.zeros((H, n_blocks, 4, V), dtype=Wh.dtype)
+    padded = np.zeros((H, 4, n_blocks * V), dtype=Wh.dtype)
+    padded[:, :, :H] = Wh.reshape(H, 4, H)
+    packed[...] = padded.reshape(H, 4, n_blocks, V).transpose(0, 2, 1, 3)
+    return packed.reshape(H, n_blocks * 4 * V)
+
+
+_thread_limit_lock = threading.Lock()
+
+
+class _numba_threads:
+    """Set Numba's thread count (per calling thread) for a block and restore it."""
+
+    def __init__(self, n):
+        self.n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+
+    def __enter__(self):
+        self.before = numba.get_num_threads()
+        numba.set_num_threads(self.n)
+        return self.n
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.before)
+
+
+def _writeable(a):
+    """A read-only array is a separate Numba type (another compile); copy those instead."""
+    return a if a.flags.writeable else a.copy()
+
+
+def threading_layer():
+    """Name of the threading layer Numba uses ('omp', 'tbb' or 'workqueue').
+
+    Numba fixes the layer at its first parallel launch; this makes one if none happened yet.
+    """
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        _warm_up_layer(np.zeros(1))
+        return numba.threading_layer()
+
+
+@njit(parallel=True, cache=True)
+def _warm_up_layer(a):
+    for k in prange(a.shape[0]):
+        a[k] = k
+
+
+# --------------------------------------------------------------------------------------------
+# Backend protocol
+# --------------------------------------------------------------------------------------------
+
+
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
+    T, B, D = x.shape
+    H = Wh.shape[0]
+    dtype = x.dtype
+    xproj = np.matmul(x.reshape(T * B, D), Wx).reshape(T, B, 4 * H)
+    y = np.empty((T, B, H), dtype)
+    cells = np.empty((T + 1 if need_cache else 2, B, H), dtype)
+    cells[0] = c0
+    gates = np.empty((T if need_cache else 1, B, 4 * H), dtype)
+    tanh_cells = np.empty((T if need_cache else 1, B, H), dtype)
+    h0 = h0.copy()
+    b = b.copy()
+    mode, n_workers, use_matvec = _plan(B, H, n_threads)
+    with _numba_threads(n_threads):
+        if mode == "split_hidden":
+            _forward_split_hidden(xproj, b, pack_recurrent_weights(Wh), n_workers,
+                                  h0, y, cells, gates, tanh_cells)
+        else:
+            # The kernel takes both weight forms; the one it does not use is an empty array.
+            if use_matvec:
+                Wh_gemm, Wh_packed = np.empty((0, 4 * H), dtype), pack_recurrent_weights(Wh)
+            else:
+                Wh_gemm, Wh_packed = _writeable(Wh), np.empty((0, 0), dtype)
+            with blas_threads(1) if n_workers > 1 else _no_limit():
+                _forward_batch_chunks(xproj, b, Wh_gemm, Wh_packed, use_matvec, n_workers,
+                                      h0, y, cells, gates, tanh_cells)
+    h_T = y[T - 1].copy()
+    c_T = cells[T % cells.shape[0]].copy()
+    cache = (x, Wx, Wh, h0, y, cells, gates, tanh_cells) if need_cache else None
+    return y, h_T, c_T, cache
+
+
+def backward(dy, dh_T, dc_T, cache, *, n_threads):
+    x, Wx, Wh, h0, y, cells, gates, tanh_cells = cache
+    T, B, H = dy.shape
+    D = x.shape[2]
+    dy = _writeable(dy)
+    WhT = np.ascontiguousarray(Wh.T)
+    dh = dh_T.copy()
+    dc = dc_T.copy()
+    dgates = np.empty((T, B, 4 * H), dy.dtype)
+    mode, n_workers, use_matvec = _plan(B, H, n_threads)
+    with _numba_threads(n_threads):
+        if mode == "split_hidden":
+            _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_workers, dh, dc, dgates)
+        else:
+            with blas_threads(1) if n_workers > 1 else _no_limit():
+                _backward_batch_chunks(dy, gates, cells, tanh_cells, WhT, use_matvec,
+                                       n_workers, dh, dc, dgates)
+    dgates_rows = dgates.reshape(T * B, 4 * H)
+    dx = np.matmul(dgates_rows, Wx.T).reshape(T, B, D)
+    dWx = np.matmul(x.reshape(T * B, D).T, dgates_rows)
+    dWh = np.matmul(h0.T, dgates[0])
+    if T > 1:
+        dWh += np.matmul(y[:-1].reshape((T - 1) * B, H).T, dgates[1:].reshape((T - 1) * B, 4 * H))
+    db = dgates_rows.sum(axis=0)
+    return dx, dh, dc, dWx, dWh, db
+
+
+class _no_limit:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def speed_rank(T, B, D, H):
+    return 1
+
+
+BACKEND = Backend("numba", forward, backward, speed_rank)
