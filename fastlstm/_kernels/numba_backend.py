@@ -21,7 +21,6 @@ the call.
 """
 
 import os
-import threading
 
 import numba
 import numpy as np
@@ -141,23 +140,26 @@ def _matvec_columns(vec, W, out, lo, hi):
     """out[lo:hi] = vec @ W[:, lo:hi]   (vec: (K,), W: (K, N), out: (N,)).
 
     Row-by-row axpy over a contiguous column range, four rows per pass so the partial sums in
-    ``out`` are loaded and stored once per four FMAs.
+    ``out`` are loaded and stored once per four FMAs. Slices starting at 0 (not offsets from
+    ``lo``) let LLVM see that indices are non-negative; without that it kept the scalar loop.
     """
     K = vec.shape[0]
-    for m in range(lo, hi):
-        out[m] = 0
+    acc = out[lo:hi]
+    n = acc.shape[0]
+    for m in range(n):
+        acc[m] = 0
     k = 0
     while k + 4 <= K:
         v0, v1, v2, v3 = vec[k], vec[k + 1], vec[k + 2], vec[k + 3]
-        w0, w1, w2, w3 = W[k], W[k + 1], W[k + 2], W[k + 3]
-        for m in range(lo, hi):
-            out[m] += v0 * w0[m] + v1 * w1[m] + v2 * w2[m] + v3 * w3[m]
+        w0, w1, w2, w3 = W[k, lo:hi], W[k + 1, lo:hi], W[k + 2, lo:hi], W[k + 3, lo:hi]
+        for m in range(n):
+            acc[m] += v0 * w0[m] + v1 * w1[m] + v2 * w2[m] + v3 * w3[m]
         k += 4
     while k < K:
         v0 = vec[k]
-        w0 = W[k]
-        for m in range(lo, hi):
-            out[m] += v0 * w0[m]
+        w0 = W[k, lo:hi]
+        for m in range(n):
+            acc[m] += v0 * w0[m]
         k += 1
 
 
@@ -171,26 +173,32 @@ def _cell_forward(pre, pre_base, pre_stride, xproj_row, b, c_prev, j0, n,
     Writes the activated gates (natural layout i, f, o, g), c_t, tanh(c_t) and h_t.
     """
     H = c_prev.shape[0]
+    pre_i = pre[pre_base:pre_base + n]
+    pre_f = pre[pre_base + pre_stride:pre_base + pre_stride + n]
+    pre_o = pre[pre_base + 2 * pre_stride:pre_base + 2 * pre_stride + n]
+    pre_g = pre[pre_base + 3 * pre_stride:pre_base + 3 * pre_stride + n]
+    x_i, x_f = xproj_row[j0:j0 + n], xproj_row[H + j0:H + j0 + n]
+    x_o, x_g = xproj_row[2 * H + j0:2 * H + j0 + n], xproj_row[3 * H + j0:3 * H + j0 + n]
+    b_i, b_f = b[j0:j0 + n], b[H + j0:H + j0 + n]
+    b_o, b_g = b[2 * H + j0:2 * H + j0 + n], b[3 * H + j0:3 * H + j0 + n]
+    out_i, out_f = gates_row[j0:j0 + n], gates_row[H + j0:H + j0 + n]
+    out_o, out_g = gates_row[2 * H + j0:2 * H + j0 + n], gates_row[3 * H + j0:3 * H + j0 + n]
+    c_old, c_out = c_prev[j0:j0 + n], c_row[j0:j0 + n]
+    tanh_c_out, h_out = tanh_c_row[j0:j0 + n], h_row[j0:j0 + n]
     for u in range(n):
-        j = j0 + u
-        p = pre_base + u
-        a_i = pre[p] + xproj_row[j] + b[j]
-        a_f = pre[p + pre_stride] + xproj_row[H + j] + b[H + j]
-        a_o = pre[p + 2 * pre_stride] + xproj_row[2 * H + j] + b[2 * H + j]
-        a_g = pre[p + 3 * pre_stride] + xproj_row[3 * H + j] + b[3 * H + j]
-        i = sigmoid_act(a_i)
-        f = sigmoid_act(a_f)
-        o = sigmoid_act(a_o)
-        g = tanh_act(a_g)
-        c = f * c_prev[j] + i * g
+        i = sigmoid_act(pre_i[u] + x_i[u] + b_i[u])
+        f = sigmoid_act(pre_f[u] + x_f[u] + b_f[u])
+        o = sigmoid_act(pre_o[u] + x_o[u] + b_o[u])
+        g = tanh_act(pre_g[u] + x_g[u] + b_g[u])
+        c = f * c_old[u] + i * g
         tanh_c = tanh_act(c)
-        gates_row[j] = i
-        gates_row[H + j] = f
-        gates_row[2 * H + j] = o
-        gates_row[3 * H + j] = g
-        c_row[j] = c
-        tanh_c_row[j] = tanh_c
-        h_row[j] = o * tanh_c
+        out_i[u] = i
+        out_f[u] = f
+        out_o[u] = o
+        out_g[u] = g
+        c_out[u] = c
+        tanh_c_out[u] = tanh_c
+        h_out[u] = o * tanh_c
 
 
 @njit(**_JIT)
@@ -206,16 +214,17 @@ def _cell_forward_packed_blocks(pre, xproj_row, b, c_prev, blk_lo, blk_hi,
 
 
 @njit(**_JIT)
-def _forward_rows(xproj, b, Wh, Wh_packed, use_matvec, r0, r1, h0, y, cells, gates, tanh_cells):
+def _forward_rows(xproj, b, Wh, Wh_packed, use_matvec, r0, r1, hs, cells, gates, tanh_cells):
     """The whole time loop for batch rows r0..r1-1 (rows are independent of each other).
 
-    xproj: (T, B, 4H) = x @ Wx;  y: (T, B, H) out;  cells: (Tc, B, H), c_t in slot (t+1) % Tc,
-    c0 already in slot 0;  gates: (Tg, B, 4H), tanh_cells: (Tg, B, H), step t in slot t % Tg.
+    xproj: (T, B, 4H) = x @ Wx;  hs: (T+1, B, H), h0 in slot 0, h_t written to slot t+1;
+    cells: (Tc, B, H), c0 in slot 0, c_t written to slot (t+1) % Tc;  gates: (Tg, B, 4H) and
+    tanh_cells: (Tg, B, H), step t in slot t % Tg.
     With ``use_matvec`` each row's h @ Wh is `_matvec_columns` over Wh_packed (H, 4·Hp);
     otherwise one BLAS GEMM for the chunk, ``np.dot(h_prev[r0:r1], Wh)``.
     """
     T = xproj.shape[0]
-    H = y.shape[2]
+    H = hs.shape[2]
     n_blocks = (H + UNITS_PER_BLOCK - 1) // UNITS_PER_BLOCK
     Tc = cells.shape[0]
     Tg = gates.shape[0]
@@ -224,7 +233,7 @@ def _forward_rows(xproj, b, Wh, Wh_packed, use_matvec, r0, r1, h0, y, cells, gat
     else:
         pre = np.empty((r1 - r0, 4 * H), dtype=xproj.dtype)
     for t in range(T):
-        h_prev = h0 if t == 0 else y[t - 1]
+        h_prev = hs[t]
         c_prev = cells[t % Tc]
         c_new = cells[(t + 1) % Tc]
         if not use_matvec:
@@ -235,47 +244,87 @@ def _forward_rows(xproj, b, Wh, Wh_packed, use_matvec, r0, r1, h0, y, cells, gat
             if use_matvec:
                 _matvec_columns(h_prev[r], Wh_packed, pre[0], 0, Wh_packed.shape[1])
                 _cell_forward_packed_blocks(pre[0], xproj[t, r], b, c_prev[r], 0, n_blocks,
-                                            g_row, c_new[r], tc_row, y[t, r])
+                                            g_row, c_new[r], tc_row, hs[t + 1, r])
             else:
                 _cell_forward(pre[r - r0], 0, H, xproj[t, r], b, c_prev[r], 0, H,
-                              g_row, c_new[r], tc_row, y[t, r])
+                              g_row, c_new[r], tc_row, hs[t + 1, r])
+
+
+@njit(**_JIT)
+def _matmul_row_range(A, B, out, part, n_parts):
+    """out[rows] = A[rows] @ B for the part-th of n_parts contiguous row ranges."""
+    M = A.shape[0]
+    r0 = part * M // n_parts
+    r1 = (part + 1) * M // n_parts
+    if r1 > r0:
+        np.dot(A[r0:r1], B, out[r0:r1])
 
 
 @njit(parallel=True, **_JIT)
-def _forward_batch_chunks(xproj, b, Wh, Wh_packed, use_matvec, n_chunks,
-                          h0, y, cells, gates, tanh_cells):
-    """Split the batch into n_chunks contiguous chunks; each thread runs `_forward_rows`."""
+def _matmul_rows(A, B, out, n_parts):
+    """out = A @ B with the rows split over n_parts threads, single-threaded BLAS in each."""
+    for part in prange(n_parts):
+        _matmul_row_range(A, B, out, part, n_parts)
+
+
+@njit(parallel=True, **_JIT)
+def _matmul_transposed_partials(A, B, partials):
+    """partials[p] = A[rows_p].T @ B[rows_p]: A.T @ B = partials.sum(0), rows split over threads.
+
+    Splitting the reduction (the rows) keeps every operand contiguous; the partial sums are
+    added in a fixed order, so the result depends on the thread count but not on timing.
+    """
+    n_parts = partials.shape[0]
+    M = A.shape[0]
+    for part in prange(n_parts):
+        r0 = part * M // n_parts
+        r1 = (part + 1) * M // n_parts
+        if r1 > r0:
+            np.dot(A[r0:r1].T, B[r0:r1], partials[part])
+        else:
+            partials[part] = 0
+
+
+@njit(parallel=True, **_JIT)
+def _forward_batch_chunks(x_rows, Wx, b, Wh, Wh_packed, use_matvec, n_chunks,
+                          xproj, hs, cells, gates, tanh_cells):
+    """xproj = x @ Wx split by rows, then the batch in n_chunks chunks, one thread each."""
     B = xproj.shape[1]
+    for part in prange(n_chunks):
+        _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
+                          part, n_chunks)
     for chunk in prange(n_chunks):
         _forward_rows(xproj, b, Wh, Wh_packed, use_matvec,
                       chunk * B // n_chunks, (chunk + 1) * B // n_chunks,
-                      h0, y, cells, gates, tanh_cells)
+                      hs, cells, gates, tanh_cells)
 
 
 @njit(parallel=True, **_JIT)
-def _forward_split_hidden(xproj, b, Wh_packed, n_parts, h0, y, cells, gates, tanh_cells):
-    """Rows one after the other; within a step the hidden blocks are split into n_parts.
-
-    One parallel launch per step is the barrier: step t reads all of h_{t-1}.
+def _forward_split_hidden(x_rows, Wx, b, Wh_packed, n_parts, xproj, hs, cells, gates, tanh_cells):
+    """xproj = x @ Wx split by rows, then the rows one after the other, each step's hidden
+    blocks split into n_parts; one parallel launch per step is the barrier (step t reads all
+    of h_{t-1}).
     """
     T, B = xproj.shape[0], xproj.shape[1]
-    H = h0.shape[1]
+    H = hs.shape[2]
     V = UNITS_PER_BLOCK
     n_blocks = (H + V - 1) // V
     Tc = cells.shape[0]
     Tg = gates.shape[0]
+    for part in prange(n_parts):
+        _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
+                          part, n_parts)
     pre = np.empty(Wh_packed.shape[1], dtype=xproj.dtype)
     for r in range(B):
         for t in range(T):
-            h_prev = h0[r] if t == 0 else y[t - 1, r]
-            c_prev = cells[t % Tc, r]
             for part in prange(n_parts):
                 blk_lo = part * n_blocks // n_parts
                 blk_hi = (part + 1) * n_blocks // n_parts
-                _matvec_columns(h_prev, Wh_packed, pre, blk_lo * 4 * V, blk_hi * 4 * V)
-                _cell_forward_packed_blocks(pre, xproj[t, r], b, c_prev, blk_lo, blk_hi,
-                                            gates[t % Tg, r], cells[(t + 1) % Tc, r],
-                                            tanh_cells[t % Tg, r], y[t, r])
+                _matvec_columns(hs[t, r], Wh_packed, pre, blk_lo * 4 * V, blk_hi * 4 * V)
+                _cell_forward_packed_blocks(pre, xproj[t, r], b, cells[t % Tc, r],
+                                            blk_lo, blk_hi, gates[t % Tg, r],
+                                            cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
+                                            hs[t + 1, r])
 
 
 @njit(**_JIT)
@@ -287,11 +336,12 @@ def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, da_row):
     Written without constants (i - i*i is i*(1 - i)) so float32 stays float32.
     """
     H = dc.shape[0]
+    i_row, f_row = gates_row[0:H], gates_row[H:2 * H]
+    o_row, g_row = gates_row[2 * H:3 * H], gates_row[3 * H:4 * H]
+    da_i, da_f = da_row[0:H], da_row[H:2 * H]
+    da_o, da_g = da_row[2 * H:3 * H], da_row[3 * H:4 * H]
     for j in range(H):
-        i = gates_row[j]
-        f = gates_row[H + j]
-        o = gates_row[2 * H + j]
-        g = gates_row[3 * H + j]
+        i, f, o, g = i_row[j], f_row[j], o_row[j], g_row[j]
         tanh_c = tanh_c_row[j]
         dh = dy_row[j] + dh_carry[j]
         dh_o = dh * o
@@ -301,10 +351,10 @@ def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, da_row):
         d_o = dh * tanh_c
         d_g = dc_t * i
         dc[j] = dc_t * f
-        da_row[j] = d_i * i - d_i * i * i
-        da_row[H + j] = d_f * f - d_f * f * f
-        da_row[2 * H + j] = d_o * o - d_o * o * o
-        da_row[3 * H + j] = d_g - d_g * g * g
+        da_i[j] = d_i * i - d_i * i * i
+        da_f[j] = d_f * f - d_f * f * f
+        da_o[j] = d_o * o - d_o * o * o
+        da_g[j] = d_g - d_g * g * g
 
 
 @njit(**_JIT)
@@ -363,8 +413,7 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_parts, dh, dc, d
                                cells[t, r], tanh_cells[t, r], da[part])
                 _matvec_columns(da[part], WhT, dh_next[t % 2], lo, hi)
                 for gate in range(4):
-                    for j in range(lo, hi):
-                        dgates[t, r, gate * H + j] = da[part, gate * H + j]
+                    dgates[t, r, gate * H + lo:gate * H + hi] = da[part, gate * H + lo:gate * H + hi]
         dh[r] = dh_next[0]
         dc[r] = dc_part[0]
 
@@ -402,9 +451,6 @@ def pack_recurrent_weights(Wh):
     padded[:, :, :H] = Wh.reshape(H, 4, H)
     packed[...] = padded.reshape(H, 4, n_blocks, V).transpose(0, 2, 1, 3)
     return packed.reshape(H, n_blocks * 4 * V)
-
-
-_thread_limit_lock = threading.Lock()
 
 
 class _numba_threads:
@@ -454,67 +500,63 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     T, B, D = x.shape
     H = Wh.shape[0]
     dtype = x.dtype
-    xproj = np.matmul(x.reshape(T * B, D), Wx).reshape(T, B, 4 * H)
-    y = np.empty((T, B, H), dtype)
+    xproj = np.empty((T, B, 4 * H), dtype)
+    hs = np.empty((T + 1, B, H), dtype)
+    hs[0] = h0
     cells = np.empty((T + 1 if need_cache else 2, B, H), dtype)
     cells[0] = c0
     gates = np.empty((T if need_cache else 1, B, 4 * H), dtype)
     tanh_cells = np.empty((T if need_cache else 1, B, H), dtype)
-    h0 = h0.copy()
+    x_rows = _writeable(x).reshape(T * B, D)
+    Wx = _writeable(Wx)
     b = b.copy()
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
-    with _numba_threads(n_threads):
+    # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
+    with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
-            _forward_split_hidden(xproj, b, pack_recurrent_weights(Wh), n_workers,
-                                  h0, y, cells, gates, tanh_cells)
+            _forward_split_hidden(x_rows, Wx, b, pack_recurrent_weights(Wh), n_workers,
+                                  xproj, hs, cells, gates, tanh_cells)
         else:
             # The kernel takes both weight forms; the one it does not use is an empty array.
             if use_matvec:
                 Wh_gemm, Wh_packed = np.empty((0, 4 * H), dtype), pack_recurrent_weights(Wh)
             else:
                 Wh_gemm, Wh_packed = _writeable(Wh), np.empty((0, 0), dtype)
-            with blas_threads(1) if n_workers > 1 else _no_limit():
-                _forward_batch_chunks(xproj, b, Wh_gemm, Wh_packed, use_matvec, n_workers,
-                                      h0, y, cells, gates, tanh_cells)
-    h_T = y[T - 1].copy()
+            _forward_batch_chunks(x_rows, Wx, b, Wh_gemm, Wh_packed, use_matvec, n_workers,
+                                  xproj, hs, cells, gates, tanh_cells)
+    y = hs[1:]
+    h_T = hs[T].copy()
     c_T = cells[T % cells.shape[0]].copy()
-    cache = (x, Wx, Wh, h0, y, cells, gates, tanh_cells) if need_cache else None
+    cache = (x_rows, Wx, Wh, hs, cells, gates, tanh_cells) if need_cache else None
     return y, h_T, c_T, cache
 
 
 def backward(dy, dh_T, dc_T, cache, *, n_threads):
-    x, Wx, Wh, h0, y, cells, gates, tanh_cells = cache
+    x_rows, Wx, Wh, hs, cells, gates, tanh_cells = cache
     T, B, H = dy.shape
-    D = x.shape[2]
+    D = x_rows.shape[1]
     dy = _writeable(dy)
     WhT = np.ascontiguousarray(Wh.T)
     dh = dh_T.copy()
     dc = dc_T.copy()
     dgates = np.empty((T, B, 4 * H), dy.dtype)
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
-    with _numba_threads(n_threads):
+    n_gemm = _numba_threads(n_threads).n
+    with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
             _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_workers, dh, dc, dgates)
         else:
-            with blas_threads(1) if n_workers > 1 else _no_limit():
-                _backward_batch_chunks(dy, gates, cells, tanh_cells, WhT, use_matvec,
-                                       n_workers, dh, dc, dgates)
-    dgates_rows = dgates.reshape(T * B, 4 * H)
-    dx = np.matmul(dgates_rows, Wx.T).reshape(T, B, D)
-    dWx = np.matmul(x.reshape(T * B, D).T, dgates_rows)
-    dWh = np.matmul(h0.T, dgates[0])
-    if T > 1:
-        dWh += np.matmul(y[:-1].reshape((T - 1) * B, H).T, dgates[1:].reshape((T - 1) * B, 4 * H))
+            _backward_batch_chunks(dy, gates, cells, tanh_cells, WhT, use_matvec,
+                                   n_workers, dh, dc, dgates)
+        dgates_rows = dgates.reshape(T * B, 4 * H)
+        dx = np.empty((T * B, D), dy.dtype)
+        _matmul_rows(dgates_rows, np.ascontiguousarray(Wx.T), dx, n_gemm)
+        dWx = np.empty((n_gemm, D, 4 * H), dy.dtype)
+        _matmul_transposed_partials(x_rows, dgates_rows, dWx)
+        dWh = np.empty((n_gemm, H, 4 * H), dy.dtype)
+        _matmul_transposed_partials(hs[:T].reshape(T * B, H), dgates_rows, dWh)
     db = dgates_rows.sum(axis=0)
-    return dx, dh, dc, dWx, dWh, db
-
-
-class _no_limit:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
+    return dx.reshape(T, B, D), dh, dc, dWx.sum(axis=0), dWh.sum(axis=0), db
 
 
 def speed_rank(T, B, D, H):
