@@ -25,8 +25,10 @@ import os
 import numba
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (loaded now so the BLAS thread control sees it)
-from numba import njit, prange
-from numba.extending import overload
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from .._backends import Backend
 from .._threads import blas_threads
@@ -133,6 +135,101 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "
 
 #: Hidden units per block of the packed recurrent weights (four gates × 16 units = 64 lanes).
 UNITS_PER_BLOCK = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Step barrier for splitting one row's hidden units across threads
+# --------------------------------------------------------------------------------------------
+# A Numba parallel launch per step costs 1.3–5 µs here (more under load), longer than a whole
+# B=1 step at H=128. Instead one parallel region runs all steps, and each step's parts are
+# *claimed*: a thread claims its own part first (so each core keeps its half of the weights
+# in its own L2), then any part nobody has claimed yet, then waits until every part of the
+# step is done. A thread that is descheduled or starts late only means the other one does
+# its part; if the runtime runs the parts one after the other on one thread, the first does
+# everything and the rest fall through, so it can never deadlock.
+#
+# `sync` is an int64 array of (n_parts + 1) * _SYNC_STRIDE zeros; one cache line per counter:
+#   sync[q * _SYNC_STRIDE] = steps of part q claimed so far;
+#   sync[n_parts * _SYNC_STRIDE] = (step, part) pairs finished so far.
+
+_SYNC_STRIDE = 16
+#: Spins on the step counter before yielding the core (2 cores are shared with other work).
+_SPINS_BEFORE_YIELD = 1000
+
+
+def _array_item_pointer(context, builder, aryty, ary, idx):
+    array = context.make_array(aryty)(context, builder, ary)
+    return cgutils.get_item_pointer(context, builder, aryty, array, [idx], wraparound=False)
+
+
+@intrinsic
+def _atomic_add(typingctx, ary, idx, value):
+    """ary[idx] += value atomically (sequentially consistent); returns the old value."""
+
+    def codegen(context, builder, signature, args):
+        ptr = _array_item_pointer(context, builder, signature.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return ary.dtype(ary, idx, ary.dtype), codegen
+
+
+@intrinsic
+def _atomic_compare_exchange(typingctx, ary, idx, expected, new):
+    """If ary[idx] == expected, set it to new; True when this call made the change."""
+
+    def codegen(context, builder, signature, args):
+        ptr = _array_item_pointer(context, builder, signature.args[0], args[0], args[1])
+        result = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(result, 1)
+
+    return types.boolean(ary, idx, ary.dtype, ary.dtype), codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, ary, idx):
+    """ary[idx] read with acquire ordering (sees every write made before a finish)."""
+
+    def codegen(context, builder, signature, args):
+        ptr = _array_item_pointer(context, builder, signature.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return ary.dtype(ary, idx), codegen
+
+
+@intrinsic
+def _sched_yield(typingctx):
+    """Give the core to another runnable thread (POSIX sched_yield)."""
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield"
+        )
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@njit(**_JIT)
+def _claim_part(sync, part, step):
+    """True if this thread now owns `part` of `step` (nobody claimed it before)."""
+    return _atomic_compare_exchange(sync, part * _SYNC_STRIDE, step, step + 1)
+
+
+@njit(**_JIT)
+def _finish_part(sync, n_parts):
+    _atomic_add(sync, n_parts * _SYNC_STRIDE, 1)
+
+
+@njit(**_JIT)
+def _wait_step(sync, n_parts, step):
+    """Wait until every part of steps 0..step is finished."""
+    spins = 0
+    while _atomic_load(sync, n_parts * _SYNC_STRIDE) < (step + 1) * n_parts:
+        spins += 1
+        if spins == _SPINS_BEFORE_YIELD:
+            _sched_yield()
+            spins = 0
 
 
 @njit(**_JIT)
@@ -300,10 +397,10 @@ def _forward_batch_chunks(x_rows, Wx, b, Wh, Wh_packed, use_matvec, n_chunks,
 
 
 @njit(parallel=True, **_JIT)
-def _forward_split_hidden(x_rows, Wx, b, Wh_packed, n_parts, xproj, hs, cells, gates, tanh_cells):
-    """xproj = x @ Wx split by rows, then the rows one after the other, each step's hidden
-    blocks split into n_parts; one parallel launch per step is the barrier (step t reads all
-    of h_{t-1}).
+def _forward_split_hidden(x_rows, Wx, b, Wh_packed, n_parts, sync,
+                          xproj, hs, cells, gates, tanh_cells):
+    """xproj = x @ Wx split by rows, then the rows one after the other, the hidden blocks of
+    each step split into n_parts claimed parts (see "Step barrier" above).
     """
     T, B = xproj.shape[0], xproj.shape[1]
     H = hs.shape[2]
@@ -315,46 +412,53 @@ def _forward_split_hidden(x_rows, Wx, b, Wh_packed, n_parts, xproj, hs, cells, g
         _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
                           part, n_parts)
     pre = np.empty(Wh_packed.shape[1], dtype=xproj.dtype)
-    for r in range(B):
-        for t in range(T):
-            for part in prange(n_parts):
-                blk_lo = part * n_blocks // n_parts
-                blk_hi = (part + 1) * n_blocks // n_parts
-                _matvec_columns(hs[t, r], Wh_packed, pre, blk_lo * 4 * V, blk_hi * 4 * V)
-                _cell_forward_packed_blocks(pre, xproj[t, r], b, cells[t % Tc, r],
-                                            blk_lo, blk_hi, gates[t % Tg, r],
-                                            cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
-                                            hs[t + 1, r])
+    for first in prange(n_parts):
+        for step in range(B * T):
+            r, t = step // T, step % T
+            for q in range(n_parts):
+                part = (first + q) % n_parts
+                if _claim_part(sync, part, step):
+                    blk_lo = part * n_blocks // n_parts
+                    blk_hi = (part + 1) * n_blocks // n_parts
+                    _matvec_columns(hs[t, r], Wh_packed, pre, blk_lo * 4 * V, blk_hi * 4 * V)
+                    _cell_forward_packed_blocks(pre, xproj[t, r], b, cells[t % Tc, r],
+                                                blk_lo, blk_hi, gates[t % Tg, r],
+                                                cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
+                                                hs[t + 1, r])
+                    _finish_part(sync, n_parts)
+            _wait_step(sync, n_parts, step)
 
 
 @njit(**_JIT)
-def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, da_row):
-    """Gradients of one step for one batch row, all hidden units.
+def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, da_row, j0, n):
+    """Gradients of one step for hidden units j0 .. j0+n-1 of one batch row.
 
     In: dh_carry = dL/dh_t from step t+1 (da_{t+1} @ Wh.T), dy_row = dL/dy_t, dc = dL/dc_t
     (updated in place to dL/dc_{t-1}). Out: da_row = dL/da_t (pre-activations, i, f, o, g).
     Written without constants (i - i*i is i*(1 - i)) so float32 stays float32.
     """
     H = dc.shape[0]
-    i_row, f_row = gates_row[0:H], gates_row[H:2 * H]
-    o_row, g_row = gates_row[2 * H:3 * H], gates_row[3 * H:4 * H]
-    da_i, da_f = da_row[0:H], da_row[H:2 * H]
-    da_o, da_g = da_row[2 * H:3 * H], da_row[3 * H:4 * H]
-    for j in range(H):
-        i, f, o, g = i_row[j], f_row[j], o_row[j], g_row[j]
-        tanh_c = tanh_c_row[j]
-        dh = dy_row[j] + dh_carry[j]
+    i_in, f_in = gates_row[j0:j0 + n], gates_row[H + j0:H + j0 + n]
+    o_in, g_in = gates_row[2 * H + j0:2 * H + j0 + n], gates_row[3 * H + j0:3 * H + j0 + n]
+    da_i, da_f = da_row[j0:j0 + n], da_row[H + j0:H + j0 + n]
+    da_o, da_g = da_row[2 * H + j0:2 * H + j0 + n], da_row[3 * H + j0:3 * H + j0 + n]
+    carry, dy_u, dc_u = dh_carry[j0:j0 + n], dy_row[j0:j0 + n], dc[j0:j0 + n]
+    c_old, tanh_c_in = c_prev[j0:j0 + n], tanh_c_row[j0:j0 + n]
+    for u in range(n):
+        i, f, o, g = i_in[u], f_in[u], o_in[u], g_in[u]
+        tanh_c = tanh_c_in[u]
+        dh = dy_u[u] + carry[u]
         dh_o = dh * o
-        dc_t = dc[j] + (dh_o - dh_o * tanh_c * tanh_c)
+        dc_t = dc_u[u] + (dh_o - dh_o * tanh_c * tanh_c)
         d_i = dc_t * g
-        d_f = dc_t * c_prev[j]
+        d_f = dc_t * c_old[u]
         d_o = dh * tanh_c
         d_g = dc_t * i
-        dc[j] = dc_t * f
-        da_i[j] = d_i * i - d_i * i * i
-        da_f[j] = d_f * f - d_f * f * f
-        da_o[j] = d_o * o - d_o * o * o
-        da_g[j] = d_g - d_g * g * g
+        dc_u[u] = dc_t * f
+        da_i[u] = d_i * i - d_i * i * i
+        da_f[u] = d_f * f - d_f * f * f
+        da_o[u] = d_o * o - d_o * o * o
+        da_g[u] = d_g - d_g * g * g
 
 
 @njit(**_JIT)
@@ -371,7 +475,7 @@ def _backward_rows(dy, gates, cells, tanh_cells, WhT, use_matvec, r0, r1, dh, dc
         carry[:] = dh[r0:r1]
         for r in range(r0, r1):
             _cell_backward(carry[r - r0], dy[t, r], dc[r], gates[t, r], cells[t, r],
-                           tanh_cells[t, r], dgates[t, r])
+                           tanh_cells[t, r], dgates[t, r], 0, H)
         if use_matvec:
             for r in range(r0, r1):
                 _matvec_columns(dgates[t, r], WhT, dh[r], 0, H)
@@ -390,32 +494,30 @@ def _backward_batch_chunks(dy, gates, cells, tanh_cells, WhT, use_matvec, n_chun
 
 
 @njit(parallel=True, **_JIT)
-def _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_parts, dh, dc, dgates):
-    """Rows one after the other; within a step dh_{t-1} is split into n_parts column ranges.
+def _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_parts, sync, dh, dc, dgates):
+    """Rows one after the other; the hidden units split into n_parts claimed parts.
 
-    Every part computes the (cheap, O(H)) gate gradients of all units itself into its own
-    buffers, so the only shared state is dh, and one parallel launch per step is the barrier.
+    Phase k of a row (k = 0..T) does, for the part's units: dh[units] = da_{T-k} @ Wh.T[:, units]
+    (k >= 1; needs all of da_{T-k}, finished in phase k-1), then the gate gradients of step
+    T-1-k (k < T; needs only the part's own units). So one barrier per step.
     """
     T, B, H = dy.shape
-    G = 4 * H
-    da = np.empty((n_parts, G), dtype=dy.dtype)
-    dc_part = np.empty((n_parts, H), dtype=dy.dtype)
-    dh_next = np.empty((2, H), dtype=dy.dtype)
-    for r in range(B):
-        for part in range(n_parts):
-            dc_part[part] = dc[r]
-        dh_next[T % 2] = dh[r]
-        for t in range(T - 1, -1, -1):
-            for part in prange(n_parts):
-                lo = part * H // n_parts
-                hi = (part + 1) * H // n_parts
-                _cell_backward(dh_next[(t + 1) % 2], dy[t, r], dc_part[part], gates[t, r],
-                               cells[t, r], tanh_cells[t, r], da[part])
-                _matvec_columns(da[part], WhT, dh_next[t % 2], lo, hi)
-                for gate in range(4):
-                    dgates[t, r, gate * H + lo:gate * H + hi] = da[part, gate * H + lo:gate * H + hi]
-        dh[r] = dh_next[0]
-        dc[r] = dc_part[0]
+    for first in prange(n_parts):
+        for step in range(B * (T + 1)):
+            r, k = step // (T + 1), step % (T + 1)
+            for q in range(n_parts):
+                part = (first + q) % n_parts
+                if _claim_part(sync, part, step):
+                    lo = part * H // n_parts
+                    hi = (part + 1) * H // n_parts
+                    if k >= 1:
+                        _matvec_columns(dgates[T - k, r], WhT, dh[r], lo, hi)
+                    if k < T:
+                        t = T - 1 - k
+                        _cell_backward(dh[r], dy[t, r], dc[r], gates[t, r], cells[t, r],
+                                       tanh_cells[t, r], dgates[t, r], lo, hi - lo)
+                    _finish_part(sync, n_parts)
+            _wait_step(sync, n_parts, step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +528,7 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_parts, dh, dc, d
 MATVEC_MAX_ROWS = 2
 #: Smallest H for which splitting one row's hidden units across threads pays for the
 #: per-step parallel launch (~1.5 µs with 'omp').
-SPLIT_HIDDEN_MIN_H = 128
+SPLIT_HIDDEN_MIN_H = 1
 
 
 def _plan(B, H, n_threads):
@@ -466,6 +568,10 @@ class _numba_threads:
 
     def __exit__(self, *exc):
         numba.set_num_threads(self.before)
+
+
+def _new_sync(n_parts):
+    return np.zeros((n_parts + 1) * _SYNC_STRIDE, np.int64)
 
 
 def _writeable(a):
@@ -515,7 +621,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
             _forward_split_hidden(x_rows, Wx, b, pack_recurrent_weights(Wh), n_workers,
-                                  xproj, hs, cells, gates, tanh_cells)
+                                  _new_sync(n_workers), xproj, hs, cells, gates, tanh_cells)
         else:
             # The kernel takes both weight forms; the one it does not use is an empty array.
             if use_matvec:
@@ -544,7 +650,8 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     n_gemm = _numba_threads(n_threads).n
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
-            _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_workers, dh, dc, dgates)
+            _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_workers,
+                                   _new_sync(n_workers), dh, dc, dgates)
         else:
             _backward_batch_chunks(dy, gates, cells, tanh_cells, WhT, use_matvec,
                                    n_workers, dh, dc, dgates)
