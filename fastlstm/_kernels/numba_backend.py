@@ -528,7 +528,7 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_parts, sync, dh,
 MATVEC_MAX_ROWS = 2
 #: Smallest H for which splitting one row's hidden units across threads pays for the
 #: per-step parallel launch (~1.5 µs with 'omp').
-SPLIT_HIDDEN_MIN_H = 1
+SPLIT_HIDDEN_MIN_H = 64
 
 
 def _plan(B, H, n_threads):
