@@ -146,6 +146,20 @@ def test_matvec_columns(dtype, K, N, lo, hi):
     assert np.all(out[:lo] == 7.0) and np.all(out[hi:] == 7.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N, K, lo, hi", [(1, 7, 0, 1), (9, 3, 2, 7), (13, 64, 0, 13),
+                                           (128, 512, 64, 128), (5, 33, 5, 5)])
+def test_matvec_rows(dtype, N, K, lo, hi):
+    rng = np.random.default_rng(K + N)
+    W, vec = rng.standard_normal((N, K)).astype(dtype), rng.standard_normal(K).astype(dtype)
+    out = np.full(N, 7.0, dtype)
+    nb._matvec_rows(W, vec, out, lo, hi)
+    want = W.astype(np.float64) @ vec.astype(np.float64)
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(out[lo:hi], want[lo:hi], rtol=tol, atol=tol)
+    assert np.all(out[:lo] == 7.0) and np.all(out[hi:] == 7.0)
+
+
 # --- every kernel variant the planner can choose ----------------------------------------------
 
 PLANS = [  # what _plan would return, forced

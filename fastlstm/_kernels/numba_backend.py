@@ -277,6 +277,35 @@ def _matvec_columns(vec, W, out, lo, hi):
 
 
 @njit(**_JIT)
+def _matvec_rows(W, vec, out, lo, hi):
+    """out[lo:hi] = W[lo:hi] @ vec   (W: (N, K), vec: (K,), out: (N,)).
+
+    One dot product per row of the natural (untransposed) matrix, four rows per pass so each
+    load of ``vec`` feeds four FMAs; 'reassoc' lets LLVM vectorize the sums.
+    """
+    K = vec.shape[0]
+    k = lo
+    while k + 4 <= hi:
+        w0, w1, w2, w3 = W[k], W[k + 1], W[k + 2], W[k + 3]
+        s0 = s1 = s2 = s3 = vec[0] - vec[0]
+        for m in range(K):
+            v = vec[m]
+            s0 += w0[m] * v
+            s1 += w1[m] * v
+            s2 += w2[m] * v
+            s3 += w3[m] * v
+        out[k], out[k + 1], out[k + 2], out[k + 3] = s0, s1, s2, s3
+        k += 4
+    while k < hi:
+        w0 = W[k]
+        s0 = vec[0] - vec[0]
+        for m in range(K):
+            s0 += w0[m] * vec[m]
+        out[k] = s0
+        k += 1
+
+
+@njit(**_JIT)
 def _cell_forward(pre, pre_base, pre_stride, xproj_row, b, c_prev, j0, n,
                   gates_row, c_row, tanh_c_row, h_row):
     """Gate update for hidden units j0 .. j0+n-1 of one batch row.
@@ -478,11 +507,11 @@ def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, da_row, 
 
 
 @njit(**_JIT)
-def _backward_rows(dy, gates, cells, tanh_cells, WhT, use_matvec, r0, r1, dh, dc, dgates):
+def _backward_rows(dy, gates, cells, tanh_cells, Wh, use_matvec, r0, r1, dh, dc, dgates):
     """BPTT over the whole sequence for batch rows r0..r1-1.
 
     dh, dc: (B, H), in: dL/dh_T, dL/dc_T; out: dL/dh0, dL/dc0. dgates: (T, B, 4H) out, dL/da_t.
-    WhT: (4H, H) = Wh.T. ``dh_{t-1} = da_t @ Wh.T`` is `_matvec_columns` per row or one GEMM.
+    ``dh_{t-1} = da_t @ Wh.T`` is `_matvec_rows` of Wh (H, 4H) per row, or one GEMM.
     """
     T = dy.shape[0]
     H = dy.shape[2]
@@ -494,23 +523,23 @@ def _backward_rows(dy, gates, cells, tanh_cells, WhT, use_matvec, r0, r1, dh, dc
                            tanh_cells[t, r], dgates[t, r], 0, H)
         if use_matvec:
             for r in range(r0, r1):
-                _matvec_columns(dgates[t, r], WhT, dh[r], 0, H)
+                _matvec_rows(Wh, dgates[t, r], dh[r], 0, H)
         else:
-            np.dot(dgates[t, r0:r1], WhT, dh[r0:r1])
+            np.dot(dgates[t, r0:r1], Wh.T, dh[r0:r1])
 
 
 @njit(parallel=True, **_JIT)
-def _backward_batch_chunks(dy, gates, cells, tanh_cells, WhT, use_matvec, n_chunks,
+def _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec, n_chunks,
                            dh, dc, dgates):
     """Split the batch into n_chunks contiguous chunks; each thread runs `_backward_rows`."""
     B = dy.shape[1]
     for chunk in prange(n_chunks):
-        _backward_rows(dy, gates, cells, tanh_cells, WhT, use_matvec,
+        _backward_rows(dy, gates, cells, tanh_cells, Wh, use_matvec,
                        chunk * B // n_chunks, (chunk + 1) * B // n_chunks, dh, dc, dgates)
 
 
 @njit(parallel=True, **_JIT)
-def _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_parts, sync, dh, dc, dgates):
+def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, sync, dh, dc, dgates):
     """Rows one after the other; the hidden units split into n_parts claimed parts.
 
     Phase k of a row (k = 0..T) does, for the part's units: dh[units] = da_{T-k} @ Wh.T[:, units]
@@ -527,7 +556,7 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_parts, sync, dh,
                     lo = part * H // n_parts
                     hi = (part + 1) * H // n_parts
                     if k >= 1:
-                        _matvec_columns(dgates[T - k, r], WhT, dh[r], lo, hi)
+                        _matvec_rows(Wh, dgates[T - k, r], dh[r], lo, hi)
                     if k < T:
                         t = T - 1 - k
                         _cell_backward(dh[r], dy[t, r], dc[r], gates[t, r], cells[t, r],
@@ -631,6 +660,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     tanh_cells = np.empty((T if need_cache else 1, B, H), dtype)
     x_rows = _writeable(x).reshape(T * B, D)
     Wx = _writeable(Wx)
+    Wh = _writeable(Wh)
     b = b.copy()
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
     # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
@@ -643,7 +673,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
             if use_matvec:
                 Wh_gemm, Wh_packed = np.empty((0, 4 * H), dtype), pack_recurrent_weights(Wh)
             else:
-                Wh_gemm, Wh_packed = _writeable(Wh), np.empty((0, 0), dtype)
+                Wh_gemm, Wh_packed = Wh, np.empty((0, 0), dtype)
             _forward_batch_chunks(x_rows, Wx, b, Wh_gemm, Wh_packed, use_matvec, n_workers,
                                   xproj, hs, cells, gates, tanh_cells)
     y = hs[1:]
@@ -658,7 +688,6 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     T, B, H = dy.shape
     D = x_rows.shape[1]
     dy = _writeable(dy)
-    WhT = np.ascontiguousarray(Wh.T)
     dh = dh_T.copy()
     dc = dc_T.copy()
     dgates = np.empty((T, B, 4 * H), dy.dtype)
@@ -666,14 +695,14 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     n_gemm = _numba_threads(n_threads).n
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
-            _backward_split_hidden(dy, gates, cells, tanh_cells, WhT, n_workers,
+            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_workers,
                                    _new_sync(n_workers), dh, dc, dgates)
         else:
-            _backward_batch_chunks(dy, gates, cells, tanh_cells, WhT, use_matvec,
+            _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec,
                                    n_workers, dh, dc, dgates)
         dgates_rows = dgates.reshape(T * B, 4 * H)
         dx = np.empty((T * B, D), dy.dtype)
-        _matmul_rows(dgates_rows, np.ascontiguousarray(Wx.T), dx, n_gemm)
+        _matmul_rows(dgates_rows, Wx.T, dx, n_gemm)
         dWx = np.empty((n_gemm, D, 4 * H), dy.dtype)
         _matmul_transposed_partials(x_rows, dgates_rows, dWx)
         dWh = np.empty((n_gemm, H, 4 * H), dy.dtype)
