@@ -1,5 +1,6 @@
-"""Checks particular to the Numba backend: threading layer, activations, packed weights, the
-kernel variants the planner can choose, the step barrier, compile caching and specialisations.
+"""Checks particular to the Numba backend: threading layer, activations, matrix-vector kernels,
+the kernel variants the planner can choose, the step barrier, compile caching and
+specialisations.
 
 The generic forward/gradient checks against the reference are in test_backends.py.
 """
@@ -114,22 +115,30 @@ def test_float32_tiny_inputs_keep_their_value():
     np.testing.assert_allclose(apply_tanh(a), a, rtol=1e-6)
 
 
-# --- packed weights and the matrix-vector kernel --------------------------------------------
+# --- the matrix-vector kernels --------------------------------------------
 
-@pytest.mark.parametrize("H", [1, 5, 16, 17, 40])
-def test_pack_recurrent_weights_layout(H):
-    Wh = np.arange(H * 4 * H, dtype=np.float64).reshape(H, 4 * H)
-    packed = nb.pack_recurrent_weights(Wh)
-    V = nb.UNITS_PER_BLOCK
-    n_blocks = -(-H // V)
-    assert packed.shape == (H, n_blocks * 4 * V)
-    for blk in range(n_blocks):
-        for gate in range(4):
-            for v in range(V):
-                column = packed[:, blk * 4 * V + gate * V + v]
-                j = blk * V + v
-                want = Wh[:, gate * H + j] if j < H else 0.0
-                np.testing.assert_array_equal(column, want)
+@pytest.mark.parametrize("H", [1, 5, 16, 17, 40, 130])
+@pytest.mark.parametrize("n_parts", [1, 2, 3, 5])
+def test_unit_ranges_cover_every_unit_once_aligned(H, n_parts):
+    ranges = [nb._unit_range(part, n_parts, H) for part in range(n_parts)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == H
+    for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:]):
+        assert lo <= hi == next_lo
+    assert all(lo % nb.UNIT_ALIGN == 0 or lo == H for lo, _ in ranges)
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 21), (0, 16), (16, 21), (5, 5)])
+def test_recurrent_gate_columns_fills_four_gate_ranges(lo, hi):
+    H = 21
+    rng = np.random.default_rng(hi)
+    h, Wh = rng.standard_normal(H), rng.standard_normal((H, 4 * H))
+    pre = np.full(4 * H, 7.0)
+    nb._recurrent_gate_columns(h, Wh, pre, lo, hi)
+    want = h @ Wh
+    columns = np.concatenate([np.arange(gate * H + lo, gate * H + hi) for gate in range(4)])
+    np.testing.assert_allclose(pre[columns], want[columns], rtol=1e-12, atol=1e-12)
+    untouched = np.setdiff1d(np.arange(4 * H), columns)
+    assert np.all(pre[untouched] == 7.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -210,9 +219,9 @@ def test_split_hidden_is_bit_identical_to_one_thread(monkeypatch, n_threads):
 
 def test_planner_choices():
     assert nb._plan(1, 256, 2)[0] == "split_hidden"
-    assert nb._plan(1, 256, 1) == ("chunks", 1, True)
-    mode, n_chunks, use_matvec = nb._plan(64, 512, 2)
-    assert (mode, n_chunks, use_matvec) == ("chunks", 2, False)
+    assert nb._plan(1, 256, 1) == ("chunks", 1, False)  # one row: BLAS forwards it to gemv
+    assert nb._plan(8, 512, 2) == ("chunks", 2, True)  # few rows, wide H: per-row matvec
+    assert nb._plan(64, 512, 2) == ("chunks", 2, False)
     assert nb._plan(3, 8, 4)[:2] == ("chunks", 3)
 
 

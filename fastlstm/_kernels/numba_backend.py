@@ -149,8 +149,8 @@ def _sigmoid_act_impl(x):
 #: are bit-identical run to run.
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})
 
-#: Hidden units per block of the packed recurrent weights (four gates × 16 units = 64 lanes).
-UNITS_PER_BLOCK = 16
+#: Hidden-unit ranges given to threads start at multiples of this (whole SIMD vectors).
+UNIT_ALIGN = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,52 +344,42 @@ def _cell_forward(pre, pre_base, pre_stride, xproj_row, b, c_prev, j0, n,
 
 
 @njit(**_JIT)
-def _cell_forward_packed_blocks(pre, xproj_row, b, c_prev, blk_lo, blk_hi,
-                                gates_row, c_row, tanh_c_row, h_row):
-    """`_cell_forward` over hidden blocks blk_lo..blk_hi-1 of a packed pre-activation row."""
-    H = c_prev.shape[0]
-    V = UNITS_PER_BLOCK
-    for blk in range(blk_lo, blk_hi):
-        j0 = blk * V
-        _cell_forward(pre, blk * 4 * V, V, xproj_row, b, c_prev, j0, min(V, H - j0),
-                      gates_row, c_row, tanh_c_row, h_row)
+def _recurrent_gate_columns(h_prev, Wh, pre, lo, hi):
+    """pre[gate*H + j] = (h_prev @ Wh)[gate*H + j] for the four gates of units lo..hi-1."""
+    H = Wh.shape[0]
+    if lo == 0 and hi == H:
+        _matvec_columns(h_prev, Wh, pre, 0, 4 * H)
+    else:
+        for gate in range(4):
+            _matvec_columns(h_prev, Wh, pre, gate * H + lo, gate * H + hi)
 
 
 @njit(**_JIT)
-def _forward_rows(xproj, b, Wh, Wh_packed, use_matvec, r0, r1, hs, cells, gates, tanh_cells):
+def _forward_rows(xproj, b, Wh, use_matvec, r0, r1, hs, cells, gates, tanh_cells):
     """The whole time loop for batch rows r0..r1-1 (rows are independent of each other).
 
     xproj: (T, B, 4H) = x @ Wx;  hs: (T+1, B, H), h0 in slot 0, h_t written to slot t+1;
     cells: (Tc, B, H), c0 in slot 0, c_t written to slot (t+1) % Tc;  gates: (Tg, B, 4H) and
     tanh_cells: (Tg, B, H), step t in slot t % Tg.
-    With ``use_matvec`` each row's h @ Wh is `_matvec_columns` over Wh_packed (H, 4·Hp);
-    otherwise one BLAS GEMM for the chunk, ``np.dot(h_prev[r0:r1], Wh)``.
+    ``h_prev[r0:r1] @ Wh`` is one BLAS GEMM per step, or with ``use_matvec`` one
+    `_matvec_columns` per row.
     """
     T = xproj.shape[0]
     H = hs.shape[2]
-    n_blocks = (H + UNITS_PER_BLOCK - 1) // UNITS_PER_BLOCK
     Tc = cells.shape[0]
     Tg = gates.shape[0]
-    if use_matvec:
-        pre = np.empty((1, Wh_packed.shape[1]), dtype=xproj.dtype)
-    else:
-        pre = np.empty((r1 - r0, 4 * H), dtype=xproj.dtype)
+    pre = np.empty((r1 - r0, 4 * H), dtype=xproj.dtype)
     for t in range(T):
         h_prev = hs[t]
-        c_prev = cells[t % Tc]
-        c_new = cells[(t + 1) % Tc]
-        if not use_matvec:
+        if use_matvec:
+            for r in range(r0, r1):
+                _matvec_columns(h_prev[r], Wh, pre[r - r0], 0, 4 * H)
+        else:
             np.dot(h_prev[r0:r1], Wh, pre)
         for r in range(r0, r1):
-            g_row = gates[t % Tg, r]
-            tc_row = tanh_cells[t % Tg, r]
-            if use_matvec:
-                _matvec_columns(h_prev[r], Wh_packed, pre[0], 0, Wh_packed.shape[1])
-                _cell_forward_packed_blocks(pre[0], xproj[t, r], b, c_prev[r], 0, n_blocks,
-                                            g_row, c_new[r], tc_row, hs[t + 1, r])
-            else:
-                _cell_forward(pre[r - r0], 0, H, xproj[t, r], b, c_prev[r], 0, H,
-                              g_row, c_new[r], tc_row, hs[t + 1, r])
+            _cell_forward(pre[r - r0], 0, H, xproj[t, r], b, cells[t % Tc, r], 0, H,
+                          gates[t % Tg, r], cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
+                          hs[t + 1, r])
 
 
 @njit(**_JIT)
@@ -428,7 +418,7 @@ def _matmul_transposed_partials(A, B, partials):
 
 
 @njit(parallel=True, **_JIT)
-def _forward_batch_chunks(x_rows, Wx, b, Wh, Wh_packed, use_matvec, n_chunks,
+def _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_chunks,
                           xproj, hs, cells, gates, tanh_cells):
     """xproj = x @ Wx split by rows, then the batch in n_chunks chunks, one thread each."""
     B = xproj.shape[1]
@@ -436,40 +426,44 @@ def _forward_batch_chunks(x_rows, Wx, b, Wh, Wh_packed, use_matvec, n_chunks,
         _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
                           part, n_chunks)
     for chunk in prange(n_chunks):
-        _forward_rows(xproj, b, Wh, Wh_packed, use_matvec,
+        _forward_rows(xproj, b, Wh, use_matvec,
                       chunk * B // n_chunks, (chunk + 1) * B // n_chunks,
                       hs, cells, gates, tanh_cells)
 
 
+@njit(**_JIT)
+def _unit_range(part, n_parts, H):
+    """Hidden units lo..hi-1 of `part`: equal shares, starting at multiples of UNIT_ALIGN."""
+    n_groups = (H + UNIT_ALIGN - 1) // UNIT_ALIGN
+    lo = min(H, part * n_groups // n_parts * UNIT_ALIGN)
+    hi = min(H, (part + 1) * n_groups // n_parts * UNIT_ALIGN)
+    return lo, hi
+
+
 @njit(parallel=True, **_JIT)
-def _forward_split_hidden(x_rows, Wx, b, Wh_packed, n_parts, sync,
-                          xproj, hs, cells, gates, tanh_cells):
-    """xproj = x @ Wx split by rows, then the rows one after the other, the hidden blocks of
+def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, sync, xproj, hs, cells, gates, tanh_cells):
+    """xproj = x @ Wx split by rows, then the rows one after the other, the hidden units of
     each step split into n_parts claimed parts (see "Step barrier" above).
     """
     T, B = xproj.shape[0], xproj.shape[1]
     H = hs.shape[2]
-    V = UNITS_PER_BLOCK
-    n_blocks = (H + V - 1) // V
     Tc = cells.shape[0]
     Tg = gates.shape[0]
     for part in prange(n_parts):
         _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
                           part, n_parts)
-    pre = np.empty(Wh_packed.shape[1], dtype=xproj.dtype)
+    pre = np.empty(4 * H, dtype=xproj.dtype)
     for first in prange(n_parts):
         for step in range(B * T):
             r, t = step // T, step % T
             for q in range(n_parts):
                 part = (first + q) % n_parts
                 if _claim_part(sync, part, step):
-                    blk_lo = part * n_blocks // n_parts
-                    blk_hi = (part + 1) * n_blocks // n_parts
-                    _matvec_columns(hs[t, r], Wh_packed, pre, blk_lo * 4 * V, blk_hi * 4 * V)
-                    _cell_forward_packed_blocks(pre, xproj[t, r], b, cells[t % Tc, r],
-                                                blk_lo, blk_hi, gates[t % Tg, r],
-                                                cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
-                                                hs[t + 1, r])
+                    lo, hi = _unit_range(part, n_parts, H)
+                    _recurrent_gate_columns(hs[t, r], Wh, pre, lo, hi)
+                    _cell_forward(pre, lo, H, xproj[t, r], b, cells[t % Tc, r], lo, hi - lo,
+                                  gates[t % Tg, r], cells[(t + 1) % Tc, r],
+                                  tanh_cells[t % Tg, r], hs[t + 1, r])
                     _finish_part(sync, n_parts)
             _wait_step(sync, n_parts, step)
 
@@ -553,8 +547,7 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, sync, dh, 
             for q in range(n_parts):
                 part = (first + q) % n_parts
                 if _claim_part(sync, part, step):
-                    lo = part * H // n_parts
-                    hi = (part + 1) * H // n_parts
+                    lo, hi = _unit_range(part, n_parts, H)
                     if k >= 1:
                         _matvec_rows(Wh, dgates[T - k, r], dh[r], lo, hi)
                     if k < T:
@@ -569,11 +562,14 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, sync, dh, 
 # Planning: which kernel for which shape (measured, see the module docstring)
 # --------------------------------------------------------------------------------------------
 
-#: Rows per thread up to which the matrix-vector kernel beats a BLAS GEMM per step.
-MATVEC_MAX_ROWS = 2
-#: Smallest H for which splitting one row's hidden units across threads pays for the
-#: per-step parallel launch (~1.5 µs with 'omp').
-SPLIT_HIDDEN_MIN_H = 64
+#: Splitting one row's hidden units across threads pays from this H on. Below it a step is
+#: ~1 µs, not much more than the cross-core hand-over of h_{t-1}.
+SPLIT_HIDDEN_MIN_H = 128
+#: Rows per thread for which a per-row matrix-vector product beats a BLAS GEMM per step, and
+#: the H from which it does: OpenBLAS packs all of Wh on every small-M GEMM call (H=512, 2 rows:
+#: 19 ms vs 6.5 ms for T=50), while one row is forwarded to its gemv, as fast as ours.
+MATVEC_ROWS = (2, 8)
+MATVEC_MIN_H = 256
 
 
 def _plan(B, H, n_threads):
@@ -581,23 +577,9 @@ def _plan(B, H, n_threads):
     if B == 1 and n_threads > 1 and H >= SPLIT_HIDDEN_MIN_H:
         return "split_hidden", n_threads, True
     n_chunks = max(1, min(n_threads, B))
-    return "chunks", n_chunks, (B // n_chunks) <= MATVEC_MAX_ROWS
-
-
-def pack_recurrent_weights(Wh):
-    """(H, 4H) gate-major columns -> (H, 4·Hp) with the 4 gates of each 16-unit block adjacent.
-
-    Packed column ``blk*64 + gate*16 + v`` is original column ``gate*H + blk*16 + v``; units
-    past H (padding up to a multiple of 16) get zero columns.
-    """
-    H = Wh.shape[0]
-    V = UNITS_PER_BLOCK
-    n_blocks = (H + V - 1) // V
-    packed = np.zeros((H, n_blocks, 4, V), dtype=Wh.dtype)
-    padded = np.zeros((H, 4, n_blocks * V), dtype=Wh.dtype)
-    padded[:, :, :H] = Wh.reshape(H, 4, H)
-    packed[...] = padded.reshape(H, 4, n_blocks, V).transpose(0, 2, 1, 3)
-    return packed.reshape(H, n_blocks * 4 * V)
+    rows = B // n_chunks
+    use_matvec = MATVEC_ROWS[0] <= rows <= MATVEC_ROWS[1] and H >= MATVEC_MIN_H
+    return "chunks", n_chunks, use_matvec
 
 
 class _numba_threads:
@@ -662,19 +644,15 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     Wx = _writeable(Wx)
     Wh = _writeable(Wh)
     b = b.copy()
+    n_threads = _numba_threads(n_threads).n
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
     # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
-            _forward_split_hidden(x_rows, Wx, b, pack_recurrent_weights(Wh), n_workers,
-                                  _new_sync(n_workers), xproj, hs, cells, gates, tanh_cells)
+            _forward_split_hidden(x_rows, Wx, b, Wh, n_workers, _new_sync(n_workers),
+                                  xproj, hs, cells, gates, tanh_cells)
         else:
-            # The kernel takes both weight forms; the one it does not use is an empty array.
-            if use_matvec:
-                Wh_gemm, Wh_packed = np.empty((0, 4 * H), dtype), pack_recurrent_weights(Wh)
-            else:
-                Wh_gemm, Wh_packed = Wh, np.empty((0, 0), dtype)
-            _forward_batch_chunks(x_rows, Wx, b, Wh_gemm, Wh_packed, use_matvec, n_workers,
+            _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_workers,
                                   xproj, hs, cells, gates, tanh_cells)
     y = hs[1:]
     h_T = hs[T].copy()
@@ -691,8 +669,8 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     dh = dh_T.copy()
     dc = dc_T.copy()
     dgates = np.empty((T, B, 4 * H), dy.dtype)
+    n_threads = _numba_threads(n_threads).n
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
-    n_gemm = _numba_threads(n_threads).n
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
             _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_workers,
@@ -702,10 +680,10 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
                                    n_workers, dh, dc, dgates)
         dgates_rows = dgates.reshape(T * B, 4 * H)
         dx = np.empty((T * B, D), dy.dtype)
-        _matmul_rows(dgates_rows, Wx.T, dx, n_gemm)
-        dWx = np.empty((n_gemm, D, 4 * H), dy.dtype)
+        _matmul_rows(dgates_rows, Wx.T, dx, n_threads)
+        dWx = np.empty((n_threads, D, 4 * H), dy.dtype)
         _matmul_transposed_partials(x_rows, dgates_rows, dWx)
-        dWh = np.empty((n_gemm, H, 4 * H), dy.dtype)
+        dWh = np.empty((n_threads, H, 4 * H), dy.dtype)
         _matmul_transposed_partials(hs[:T].reshape(T * B, H), dgates_rows, dWh)
     db = dgates_rows.sum(axis=0)
     return dx.reshape(T, B, D), dh, dc, dWx.sum(axis=0), dWh.sum(axis=0), db
