@@ -1,23 +1,24 @@
-"""Numba backend: the LSTM time loop compiled, with the large products left to BLAS.
+"""Numba backend: the LSTM time loop compiled, BLAS only for products with many rows.
 
 Where the time goes, and what each part here does about it (DESIGN.md §6 has the measurements):
 
 * Only ``h_{t-1} @ Wh`` (forward) and ``da_t @ Wh.T`` (backward) are sequential. The input
-  projection ``x @ Wx`` for all T·B rows is one GEMM before the loop, and dx, dWx, dWh, db are
-  GEMMs / a reduction after it, all in NumPy's multi-threaded BLAS.
+  projection ``x @ Wx`` for all T·B rows is one GEMM before the loop; dx, dWx and dWh are
+  GEMMs after it, db a reduction.
 * The gate update (σ, tanh, c and h) is fused into one pass per step. float32 uses a rational
   tanh that vectorizes (scalar ``math.tanh`` does not: no SVML in llvmlite); float64 keeps the
-  exact ``math`` functions, because the float64 tolerance is 1e-10.
+  exact functions, because the float64 tolerance is 1e-10.
 * Batch rows are independent for the whole sequence, so with several rows each thread takes a
   chunk of rows and runs the whole time loop on it: no synchronisation per step.
-* With one row, a BLAS GEMM on a single row is slow (~25–50 µs per step), so the recurrent
-  product is a matrix-vector kernel over weights packed so that the four gates of a block of
-  hidden units are adjacent; the hidden blocks are split across the threads, with one parallel
-  launch per step as the barrier.
+* With one row, the recurrent product is a matrix-vector product bound by the cache bandwidth
+  for Wh (H=256: 1 MiB per step), so the hidden units are split across the threads (each
+  core streams its share of Wh from its own L2) inside one parallel region, with a cheap
+  per-step barrier of our own ("Step barrier" below).
 
-Threads: one owner of the cores per call. Numba's threads run the loop; BLAS calls inside a
-parallel region run single-threaded (`blas_threads(1)`), and `n_threads` sets Numba's count for
-the call.
+Threads: one owner of the cores per call. Numba's threads run everything, GEMMs included,
+split by rows, with every BLAS single-threaded (`blas_threads(1)`): BLAS pools that spin
+after a call starved Numba's threads 13x (DESIGN.md §6). `n_threads` sets Numba's count for
+the call. Results depend only on the inputs and the thread count, never on timing.
 """
 
 import os
@@ -582,19 +583,47 @@ def _plan(B, H, n_threads):
     return "chunks", n_chunks, use_matvec
 
 
+def _usable_threads(n_threads):
+    """Numba cannot run more threads than it started with (NUMBA_NUM_THREADS)."""
+    return max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS))
+
+
 class _numba_threads:
     """Set Numba's thread count (per calling thread) for a block and restore it."""
 
     def __init__(self, n):
-        self.n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+        self.n = n
 
     def __enter__(self):
         self.before = numba.get_num_threads()
         numba.set_num_threads(self.n)
-        return self.n
 
     def __exit__(self, *exc):
         numba.set_num_threads(self.before)
+
+
+#: Multiply-adds below which a GEMM after the time loop stays on one thread: waking the
+#: other thread (a futex with the passive libgomp) costs more than it saves.
+PARALLEL_GEMM_MIN_FMA = 4_000_000
+
+
+def _matmul(A, B, n_threads):
+    """A @ B as a fresh array, rows split over the threads when it is large enough."""
+    out = np.empty((A.shape[0], B.shape[1]), A.dtype)
+    if n_threads > 1 and A.shape[0] * A.shape[1] * B.shape[1] >= PARALLEL_GEMM_MIN_FMA:
+        _matmul_rows(A, B, out, n_threads)
+    else:
+        np.matmul(A, B, out=out)
+    return out
+
+
+def _matmul_transposed(A, B, n_threads):
+    """A.T @ B as a fresh array; large ones as per-thread partial sums over row ranges."""
+    if n_threads > 1 and A.shape[0] * A.shape[1] * B.shape[1] >= PARALLEL_GEMM_MIN_FMA:
+        partials = np.empty((n_threads, A.shape[1], B.shape[1]), A.dtype)
+        _matmul_transposed_partials(A, B, partials)
+        return partials.sum(axis=0)
+    return np.matmul(A.T, B)
 
 
 def _new_sync(n_parts):
@@ -644,7 +673,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     Wx = _writeable(Wx)
     Wh = _writeable(Wh)
     b = b.copy()
-    n_threads = _numba_threads(n_threads).n
+    n_threads = _usable_threads(n_threads)
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
     # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
     with blas_threads(1), _numba_threads(n_threads):
@@ -669,7 +698,7 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     dh = dh_T.copy()
     dc = dc_T.copy()
     dgates = np.empty((T, B, 4 * H), dy.dtype)
-    n_threads = _numba_threads(n_threads).n
+    n_threads = _usable_threads(n_threads)
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
@@ -679,17 +708,21 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
             _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec,
                                    n_workers, dh, dc, dgates)
         dgates_rows = dgates.reshape(T * B, 4 * H)
-        dx = np.empty((T * B, D), dy.dtype)
-        _matmul_rows(dgates_rows, Wx.T, dx, n_threads)
-        dWx = np.empty((n_threads, D, 4 * H), dy.dtype)
-        _matmul_transposed_partials(x_rows, dgates_rows, dWx)
-        dWh = np.empty((n_threads, H, 4 * H), dy.dtype)
-        _matmul_transposed_partials(hs[:T].reshape(T * B, H), dgates_rows, dWh)
+        dx = _matmul(dgates_rows, Wx.T, n_threads)
+        dWx = _matmul_transposed(x_rows, dgates_rows, n_threads)
+        dWh = _matmul_transposed(hs[:T].reshape(T * B, H), dgates_rows, n_threads)
     db = dgates_rows.sum(axis=0)
-    return dx.reshape(T, B, D), dh, dc, dWx.sum(axis=0), dWh.sum(axis=0), db
+    return dx.reshape(T, B, D), dh, dc, dWx, dWh, db
 
 
 def speed_rank(T, B, D, H):
+    """Higher than the reference (0) everywhere: measured faster on every benchmark shape.
+
+    Where numba is the better choice (float32, median ms, 2 threads, see the commit log):
+    one row (S1, S2: the split matrix-vector product with a 0.1 µs barrier) and batches
+    (S3–S5: per-thread batch chunks with no per-step synchronisation). A backend that beats
+    it on a shape should return more than 1 there.
+    """
     return 1
 
 
