@@ -217,6 +217,23 @@ def test_split_hidden_is_bit_identical_to_one_thread(monkeypatch, n_threads):
             np.testing.assert_array_equal(a, b)
 
 
+def test_helping_with_every_part_gives_the_same_bits(monkeypatch):
+    """With no patience every waiting thread recomputes parts the other thread may still be
+    writing: the duplicates must write the same bits (step-unique storage, same code)."""
+    args = make_problem(40, 1, 9, 50, np.float32, seed=11)
+    dy, dh_T, dc_T = make_upstream(40, 1, 50, np.float32)
+    monkeypatch.setattr(nb, "_plan", lambda B, H, n: ("split_hidden", 2, True))
+    results = []
+    for patience in (nb.PATIENCE_CYCLES, -(10**12)):
+        monkeypatch.setattr(nb, "PATIENCE_CYCLES", patience)
+        for _ in range(3):
+            y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="numba", return_cache=True)
+            results.append((y, h_T, c_T) + tuple(fastlstm.lstm_backward(dy, cache, dh_T, dc_T)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_planner_choices():
     assert nb._plan(1, 256, 2)[0] == "split_hidden"
     assert nb._plan(1, 256, 1) == ("chunks", 1, False)  # one row: BLAS forwards it to gemv

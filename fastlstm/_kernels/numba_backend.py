@@ -141,7 +141,7 @@ def _sigmoid_act_impl(x):
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels
+# Compile options
 # --------------------------------------------------------------------------------------------
 
 #: 'numpy' error model: Python's division checks block vectorisation (5x on tanh). 'contract'
@@ -159,35 +159,33 @@ UNIT_ALIGN = 16
 # --------------------------------------------------------------------------------------------
 # A Numba parallel launch per step costs 1.3–5 µs here (more under load), longer than a whole
 # B=1 step at H=128. Instead one parallel region runs all steps, and each step's parts are
-# *claimed*: a thread claims its own part first (so each core keeps its half of the weights
-# in its own L2), then any part nobody has claimed yet, then waits until every part of the
-# step is done. A thread that is descheduled or starts late only means the other one does
-# its part; if the runtime runs the parts one after the other on one thread, the first does
-# everything and the rest fall through, so it can never deadlock.
+# *claimed*: a thread claims its own part first (so each core keeps its share of Wh in its
+# own L2), then any part nobody has claimed yet, then waits until every part of the step is
+# done. A thread that starts late only finds its parts done by the other one.
 #
-# `sync` is an int64 array of (n_parts + 1) * _SYNC_STRIDE zeros; one cache line per counter:
-#   sync[q * _SYNC_STRIDE] = steps of part q claimed so far;
-#   sync[n_parts * _SYNC_STRIDE] = (step, part) pairs finished so far.
+# The 2 cores are shared with other work, so a thread can be descheduled for milliseconds
+# while it holds a claim. A waiting thread therefore *helps*: once it has waited several
+# times as long as its own part took, it computes the missing part itself. That is safe
+# because every part writes only step-unique storage (no ring buffers in these kernels) and
+# computes it with the same code from the same inputs, so a late duplicate writes the same
+# bits; "done" is a per-(step, part) flag, so a duplicate finish counts once. Nothing ever
+# waits for a thread that is not running: it can neither deadlock nor stall for a time slice.
+#
+# `claims` holds one counter per part, one cache line apart: the steps of that part claimed
+# so far. `done[step * n_parts + part]` is 1 once that part of that step is written. (The
+# atomic intrinsics take flat int64 arrays and one index.)
 
 _SYNC_STRIDE = 16
-#: Spins on the step counter before yielding the core (2 cores are shared with other work).
-_SPINS_BEFORE_YIELD = 1000
+#: A waiting thread helps after PATIENCE_FACTOR × (its own last part) + PATIENCE_CYCLES
+#: (~7 µs; a kernel argument, so the tests can make every wait help).
+PATIENCE_FACTOR = 4
+PATIENCE_CYCLES = 20_000
 
 
 def _array_item_pointer(context, builder, aryty, ary, idx):
+    assert aryty.ndim == 1, "the atomic intrinsics take 1-D arrays"
     array = context.make_array(aryty)(context, builder, ary)
     return cgutils.get_item_pointer(context, builder, aryty, array, [idx], wraparound=False)
-
-
-@intrinsic
-def _atomic_add(typingctx, ary, idx, value):
-    """ary[idx] += value atomically (sequentially consistent); returns the old value."""
-
-    def codegen(context, builder, signature, args):
-        ptr = _array_item_pointer(context, builder, signature.args[0], args[0], args[1])
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
-
-    return ary.dtype(ary, idx, ary.dtype), codegen
 
 
 @intrinsic
@@ -214,39 +212,62 @@ def _atomic_load(typingctx, ary, idx):
 
 
 @intrinsic
-def _sched_yield(typingctx):
-    """Give the core to another runnable thread (POSIX sched_yield)."""
+def _atomic_store(typingctx, ary, idx, value):
+    """ary[idx] = value with release ordering (publishes every write made before it)."""
 
     def codegen(context, builder, signature, args):
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield"
-        )
-        builder.call(fn, [])
+        ptr = _array_item_pointer(context, builder, signature.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "release", 8)
         return context.get_dummy_value()
 
-    return types.void(), codegen
+    return types.void(ary, idx, ary.dtype), codegen
+
+
+@intrinsic
+def _cycle_counter(typingctx):
+    """The CPU's cycle counter (llvm.readcyclecounter; 0 where the target has none)."""
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic(
+            "llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), [])
+        )
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
 
 
 @njit(**_JIT)
-def _claim_part(sync, part, step):
+def _claim_part(claims, part, step):
     """True if this thread now owns `part` of `step` (nobody claimed it before)."""
-    return _atomic_compare_exchange(sync, part * _SYNC_STRIDE, step, step + 1)
+    return _atomic_compare_exchange(claims, part * _SYNC_STRIDE, step, step + 1)
 
 
 @njit(**_JIT)
-def _finish_part(sync, n_parts):
-    _atomic_add(sync, n_parts * _SYNC_STRIDE, 1)
+def _mark_done(done, step, part, n_parts):
+    _atomic_store(done, step * n_parts + part, 1)
 
 
 @njit(**_JIT)
-def _wait_step(sync, n_parts, step):
-    """Wait until every part of steps 0..step is finished."""
-    spins = 0
-    while _atomic_load(sync, n_parts * _SYNC_STRIDE) < (step + 1) * n_parts:
-        spins += 1
-        if spins == _SPINS_BEFORE_YIELD:
-            _sched_yield()
-            spins = 0
+def _wait_done(done, step, part, n_parts, patience):
+    """Wait for done[step, part]; False if `patience` cycles passed first (then help)."""
+    index = step * n_parts + part
+    start = _cycle_counter()
+    while _atomic_load(done, index) == 0:
+        if _cycle_counter() - start > patience:
+            return False
+    return True
+
+
+def _new_sync(n_steps, n_parts):
+    """(claims, done) for a split kernel of n_steps steps in n_parts parts."""
+    claims = np.zeros(n_parts * _SYNC_STRIDE, np.int64)
+    done = np.zeros(n_steps * n_parts, np.int64)
+    return claims, done
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
 
 
 @njit(**_JIT)
@@ -441,40 +462,55 @@ def _unit_range(part, n_parts, H):
     return lo, hi
 
 
+@njit(**_JIT)
+def _forward_part(Wh, b, xproj, hs, cells, gates, tanh_cells, pre, r, t, part, n_parts):
+    """Step t of row r for the hidden units of `part`; writes only step t's slots."""
+    H = hs.shape[2]
+    lo, hi = _unit_range(part, n_parts, H)
+    _recurrent_gate_columns(hs[t, r], Wh, pre, lo, hi)
+    _cell_forward(pre, lo, H, xproj[t, r], b, cells[t, r], lo, hi - lo,
+                  gates[t, r], cells[t + 1, r], tanh_cells[t, r], hs[t + 1, r])
+
+
 @njit(parallel=True, **_JIT)
-def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, sync, xproj, hs, cells, gates, tanh_cells):
+def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience,
+                          xproj, hs, cells, gates, tanh_cells):
     """xproj = x @ Wx split by rows, then the rows one after the other, the hidden units of
     each step split into n_parts claimed parts (see "Step barrier" above).
+    Needs full storage: cells (T+1, B, H), gates (T, B, 4H), tanh_cells (T, B, H).
     """
     T, B = xproj.shape[0], xproj.shape[1]
     H = hs.shape[2]
-    Tc = cells.shape[0]
-    Tg = gates.shape[0]
     for part in prange(n_parts):
         _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
                           part, n_parts)
-    pre = np.empty(4 * H, dtype=xproj.dtype)
     for first in prange(n_parts):
+        pre = np.empty(4 * H, dtype=xproj.dtype)
+        own_cycles = 0
         for step in range(B * T):
             r, t = step // T, step % T
             for q in range(n_parts):
                 part = (first + q) % n_parts
-                if _claim_part(sync, part, step):
-                    lo, hi = _unit_range(part, n_parts, H)
-                    _recurrent_gate_columns(hs[t, r], Wh, pre, lo, hi)
-                    _cell_forward(pre, lo, H, xproj[t, r], b, cells[t % Tc, r], lo, hi - lo,
-                                  gates[t % Tg, r], cells[(t + 1) % Tc, r],
-                                  tanh_cells[t % Tg, r], hs[t + 1, r])
-                    _finish_part(sync, n_parts)
-            _wait_step(sync, n_parts, step)
+                if _claim_part(claims, part, step):
+                    start = _cycle_counter()
+                    _forward_part(Wh, b, xproj, hs, cells, gates, tanh_cells, pre, r, t,
+                                  part, n_parts)
+                    own_cycles = _cycle_counter() - start
+                    _mark_done(done, step, part, n_parts)
+            for part in range(n_parts):
+                if not _wait_done(done, step, part, n_parts,
+                                  PATIENCE_FACTOR * own_cycles + patience):
+                    _forward_part(Wh, b, xproj, hs, cells, gates, tanh_cells, pre, r, t,
+                                  part, n_parts)
+                    _mark_done(done, step, part, n_parts)
 
 
 @njit(**_JIT)
-def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, da_row, j0, n):
+def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, dc_prev, da_row, j0, n):
     """Gradients of one step for hidden units j0 .. j0+n-1 of one batch row.
 
-    In: dh_carry = dL/dh_t from step t+1 (da_{t+1} @ Wh.T), dy_row = dL/dy_t, dc = dL/dc_t
-    (updated in place to dL/dc_{t-1}). Out: da_row = dL/da_t (pre-activations, i, f, o, g).
+    In: dh_carry = dL/dh_t from step t+1 (da_{t+1} @ Wh.T), dy_row = dL/dy_t, dc = dL/dc_t.
+    Out: dc_prev = dL/dc_{t-1}, da_row = dL/da_t (pre-activations, i, f, o, g).
     Written without constants (i - i*i is i*(1 - i)) so float32 stays float32.
     """
     H = dc.shape[0]
@@ -483,6 +519,7 @@ def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, da_row, 
     da_i, da_f = da_row[j0:j0 + n], da_row[H + j0:H + j0 + n]
     da_o, da_g = da_row[2 * H + j0:2 * H + j0 + n], da_row[3 * H + j0:3 * H + j0 + n]
     carry, dy_u, dc_u = dh_carry[j0:j0 + n], dy_row[j0:j0 + n], dc[j0:j0 + n]
+    dc_out = dc_prev[j0:j0 + n]
     c_old, tanh_c_in = c_prev[j0:j0 + n], tanh_c_row[j0:j0 + n]
     for u in range(n):
         i, f, o, g = i_in[u], f_in[u], o_in[u], g_in[u]
@@ -494,7 +531,7 @@ def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, da_row, 
         d_f = dc_t * c_old[u]
         d_o = dh * tanh_c
         d_g = dc_t * i
-        dc_u[u] = dc_t * f
+        dc_out[u] = dc_t * f
         da_i[u] = d_i * i - d_i * i * i
         da_f[u] = d_f * f - d_f * f * f
         da_o[u] = d_o * o - d_o * o * o
@@ -511,16 +548,20 @@ def _backward_rows(dy, gates, cells, tanh_cells, Wh, use_matvec, r0, r1, dh, dc,
     T = dy.shape[0]
     H = dy.shape[2]
     carry = np.empty((r1 - r0, H), dtype=dy.dtype)
+    dc_steps = np.empty((2, r1 - r0, H), dtype=dy.dtype)
+    dc_steps[T % 2] = dc[r0:r1]
     for t in range(T - 1, -1, -1):
         carry[:] = dh[r0:r1]
         for r in range(r0, r1):
-            _cell_backward(carry[r - r0], dy[t, r], dc[r], gates[t, r], cells[t, r],
-                           tanh_cells[t, r], dgates[t, r], 0, H)
+            _cell_backward(carry[r - r0], dy[t, r], dc_steps[(t + 1) % 2, r - r0], gates[t, r],
+                           cells[t, r], tanh_cells[t, r], dc_steps[t % 2, r - r0],
+                           dgates[t, r], 0, H)
         if use_matvec:
             for r in range(r0, r1):
                 _matvec_rows(Wh, dgates[t, r], dh[r], 0, H)
         else:
             np.dot(dgates[t, r0:r1], Wh.T, dh[r0:r1])
+    dc[r0:r1] = dc_steps[0]
 
 
 @njit(parallel=True, **_JIT)
@@ -533,30 +574,52 @@ def _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec, n_chunk
                        chunk * B // n_chunks, (chunk + 1) * B // n_chunks, dh, dc, dgates)
 
 
+@njit(**_JIT)
+def _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, r, k, part, n_parts):
+    """Phase k of row r for the hidden units of `part`; writes only phase k's slots.
+
+    carry[r, k] = dL/dh_{T-1-k} (carry[r, 0] = dL/dh_T), dcs[r, k] = dL/dc_{T-k}.
+    """
+    T, H = dy.shape[0], dy.shape[2]
+    lo, hi = _unit_range(part, n_parts, H)
+    if k >= 1:
+        _matvec_rows(Wh, dgates[T - k, r], carry[r, k], lo, hi)
+    if k < T:
+        t = T - 1 - k
+        _cell_backward(carry[r, k], dy[t, r], dcs[r, k], gates[t, r], cells[t, r],
+                       tanh_cells[t, r], dcs[r, k + 1], dgates[t, r], lo, hi - lo)
+
+
 @njit(parallel=True, **_JIT)
-def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, sync, dh, dc, dgates):
+def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, done, patience,
+                           carry, dcs, dgates):
     """Rows one after the other; the hidden units split into n_parts claimed parts.
 
-    Phase k of a row (k = 0..T) does, for the part's units: dh[units] = da_{T-k} @ Wh.T[:, units]
+    Phase k of a row (k = 0..T) does, for the part's units: dL/dh_{T-k} = da_{T-k} @ Wh.T
     (k >= 1; needs all of da_{T-k}, finished in phase k-1), then the gate gradients of step
     T-1-k (k < T; needs only the part's own units). So one barrier per step.
+    carry, dcs: (B, T+1, H) with carry[:, 0] = dL/dh_T, dcs[:, 0] = dL/dc_T; on return
+    carry[:, T] = dL/dh0 and dcs[:, T] = dL/dc0.
     """
-    T, B, H = dy.shape
+    T, B = dy.shape[0], dy.shape[1]
     for first in prange(n_parts):
+        own_cycles = 0
         for step in range(B * (T + 1)):
             r, k = step // (T + 1), step % (T + 1)
             for q in range(n_parts):
                 part = (first + q) % n_parts
-                if _claim_part(sync, part, step):
-                    lo, hi = _unit_range(part, n_parts, H)
-                    if k >= 1:
-                        _matvec_rows(Wh, dgates[T - k, r], dh[r], lo, hi)
-                    if k < T:
-                        t = T - 1 - k
-                        _cell_backward(dh[r], dy[t, r], dc[r], gates[t, r], cells[t, r],
-                                       tanh_cells[t, r], dgates[t, r], lo, hi - lo)
-                    _finish_part(sync, n_parts)
-            _wait_step(sync, n_parts, step)
+                if _claim_part(claims, part, step):
+                    start = _cycle_counter()
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs,
+                                   r, k, part, n_parts)
+                    own_cycles = _cycle_counter() - start
+                    _mark_done(done, step, part, n_parts)
+            for part in range(n_parts):
+                if not _wait_done(done, step, part, n_parts,
+                                  PATIENCE_FACTOR * own_cycles + patience):
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs,
+                                   r, k, part, n_parts)
+                    _mark_done(done, step, part, n_parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,10 +689,6 @@ def _matmul_transposed(A, B, n_threads):
     return np.matmul(A.T, B)
 
 
-def _new_sync(n_parts):
-    return np.zeros((n_parts + 1) * _SYNC_STRIDE, np.int64)
-
-
 def _writeable(a):
     """A read-only array is a separate Numba type (another compile); copy those instead."""
     return a if a.flags.writeable else a.copy()
@@ -665,21 +724,23 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     xproj = np.empty((T, B, 4 * H), dtype)
     hs = np.empty((T + 1, B, H), dtype)
     hs[0] = h0
-    cells = np.empty((T + 1 if need_cache else 2, B, H), dtype)
+    n_threads = _usable_threads(n_threads)
+    mode, n_workers, use_matvec = _plan(B, H, n_threads)
+    # Full per-step storage when cached, or when the split kernel needs step-unique slots.
+    full = need_cache or mode == "split_hidden"
+    cells = np.empty((T + 1 if full else 2, B, H), dtype)
     cells[0] = c0
-    gates = np.empty((T if need_cache else 1, B, 4 * H), dtype)
-    tanh_cells = np.empty((T if need_cache else 1, B, H), dtype)
+    gates = np.empty((T if full else 1, B, 4 * H), dtype)
+    tanh_cells = np.empty((T if full else 1, B, H), dtype)
     x_rows = _writeable(x).reshape(T * B, D)
     Wx = _writeable(Wx)
     Wh = _writeable(Wh)
     b = b.copy()
-    n_threads = _usable_threads(n_threads)
-    mode, n_workers, use_matvec = _plan(B, H, n_threads)
     # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
-            _forward_split_hidden(x_rows, Wx, b, Wh, n_workers, _new_sync(n_workers),
-                                  xproj, hs, cells, gates, tanh_cells)
+            _forward_split_hidden(x_rows, Wx, b, Wh, n_workers, *_new_sync(B * T, n_workers),
+                                  PATIENCE_CYCLES, xproj, hs, cells, gates, tanh_cells)
         else:
             _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_workers,
                                   xproj, hs, cells, gates, tanh_cells)
@@ -702,8 +763,14 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
+            carry = np.empty((B, T + 1, H), dy.dtype)
+            dcs = np.empty((B, T + 1, H), dy.dtype)
+            carry[:, 0] = dh
+            dcs[:, 0] = dc
             _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_workers,
-                                   _new_sync(n_workers), dh, dc, dgates)
+                                   *_new_sync(B * (T + 1), n_workers), PATIENCE_CYCLES,
+                                   carry, dcs, dgates)
+            dh, dc = carry[:, T].copy(), dcs[:, T].copy()
         else:
             _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec,
                                    n_workers, dh, dc, dgates)
