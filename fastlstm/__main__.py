@@ -1,6 +1,12 @@
-"""Command line: ``python -m fastlstm`` prints the version, backends and thread settings."""
+"""Command line.
+
+``python -m fastlstm`` (or ``info``) prints the version, backends and thread settings;
+``python -m fastlstm bench`` times the backends and the peers side by side and writes a report.
+"""
 
 import argparse
+import json
+import shlex
 import sys
 
 from . import __version__, _backends, _threads
@@ -30,10 +36,93 @@ def describe():
     return lines
 
 
+def _names(known):
+    def parse(text):
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
+        return names
+
+    return parse
+
+
+def _progress_bar(stream):
+    def show(done, total, label, width=30):
+        filled = width * done // max(total, 1)
+        bar = "#" * filled + "." * (width - filled)
+        end = "\n" if done == total or not stream.isatty() else ""
+        stream.write(f"\r[{bar}] {done}/{total} {label:<28}{end}")
+        stream.flush()
+
+    return show
+
+
+def bench(args, argv):
+    import numpy as np
+
+    from ._bench import report, runner
+    from ._bench.implementations import IMPLEMENTATIONS
+    from ._bench.problems import SHAPES
+
+    dtype = np.dtype(args.dtype)
+    shapes = [SHAPES[name] for name in args.shapes]
+    budget = runner.QUICK if args.quick else runner.FULL
+    print(f"fastlstm {__version__} bench: {', '.join(args.ops)} on {', '.join(args.shapes)}, "
+          f"{dtype}, {args.threads} threads", flush=True)
+    entries, skipped, peak = runner.run(shapes, args.backends, args.ops, dtype, args.threads,
+                                        budget, progress=_progress_bar(sys.stderr))
+    result = {
+        "command": "python -m fastlstm " + shlex.join(argv),
+        "dtype": str(dtype),
+        "quick": args.quick,
+        "machine": report.machine_info(args.threads),
+        "peak_gflops": peak,
+        "skipped": skipped,
+        "rows": report.summarize(entries, peak, str(dtype)),
+    }
+    print(report.describe_setup(result))
+    for name, why in skipped.items():
+        print(f"{name}: {why}")
+    print(report.format_table(result["rows"]))
+    paths = report.save(result, args.out)
+    print(f"report: {paths['json']}, {paths['markdown']}, "
+          + (paths["plot"] or "no plot (pip install matplotlib)"))
+    if args.compare:
+        with open(args.compare) as f:
+            print("\n".join(report.compare(result, json.load(f))))
+    return 0
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastlstm", description=__doc__)
-    parser.add_argument("command", nargs="?", default="info", choices=["info"])
-    parser.parse_args(argv)
+    from ._bench.implementations import IMPLEMENTATIONS
+    from ._bench.problems import OPS, SHAPES
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="fastlstm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("info", help="version, backends and thread settings (the default)")
+    run = commands.add_parser("bench", help="time backends and peers, write a report")
+    run.add_argument("--shapes", type=_names(list(SHAPES)), default=list(SHAPES),
+                     help="comma-separated, from " + ",".join(SHAPES) + " (default: all)")
+    run.add_argument("--backends", type=_names(list(IMPLEMENTATIONS)),
+                     default=list(IMPLEMENTATIONS),
+                     help="implementations, from " + ",".join(IMPLEMENTATIONS) + " (default: all)")
+    run.add_argument("--ops", type=_names(list(OPS)), default=list(OPS),
+                     help="from " + ",".join(OPS) + " (default: all)")
+    run.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    run.add_argument("--threads", type=int, default=_threads.get_num_threads(),
+                     help="threads for every implementation (default: all cores)")
+    run.add_argument("--quick", action="store_true", help="fewer repetitions (about 1 minute)")
+    run.add_argument("--out", default="bench-report", help="report folder (default: bench-report)")
+    run.add_argument("--compare", metavar="OLD.json", help="show the change against a report")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        return bench(args, argv)
     print("\n".join(describe()))
     return 0
 

@@ -1,0 +1,1 @@
+"""Benchmark machinery shared by ``python -m fastlstm bench``, ``bench/`` and the tests."""

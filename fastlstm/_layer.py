@@ -1,0 +1,716 @@
+"""`LSTM`: a layer object that holds weights, shaped like ``torch.nn.LSTM``, for inference.
+
+Every layer and direction runs through `fastlstm.lstm_forward` with the layer's backend, so
+the layer is exactly as fast and as exact as the kernels. Variable lengths run the time loop
+in segments over the shrinking set of sequences still running (`_BatchPlan`): no wasted steps,
+no kernel change. Streaming steps go through a `fastlstm._step.StepKernel`.
+"""
+
+import operator
+import sys
+import threading
+
+import numpy as np
+
+from . import _api, _backends, _interop, _persist, _step
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_positive_int(name, value):
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return value
+
+
+def _check_layer_dtype(dtype):
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _check_backend_name(backend):
+    if backend is not None:
+        _backends.get_backend(backend, (1, 1, 1, 1))
+    return backend
+
+
+def _check_float_array(name, value, dtype, shape, meaning):
+    """Require an ndarray of ``dtype`` and ``shape`` (None entries match any size)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise TypeError(f"{name} must have the layer's dtype {dtype}, got {value.dtype}")
+    if value.ndim != len(shape) or any(
+        want is not None and got != want for got, want in zip(value.shape, shape)
+    ):
+        wanted = "(" + ", ".join("?" if want is None else str(want) for want in shape)
+        wanted += ",)" if len(shape) == 1 else ")"
+        raise ValueError(f"{name} must have shape {meaning} = {wanted}, got {value.shape}")
+    return value
+
+
+def _check_lengths(lengths, T, B):
+    """Validate ``lengths``: integers, shape (B,), each in [0, T]; return an intp array."""
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"lengths must hold integers, got dtype {arr.dtype}")
+    if arr.shape != (B,):
+        raise ValueError(f"lengths must have shape (B,) = ({B},), got {arr.shape}")
+    if B and (arr.min() < 0 or arr.max() > T):
+        raise ValueError(
+            f"lengths must lie in [0, T] = [0, {T}], got values from {arr.min()} to {arr.max()}"
+        )
+    return arr.astype(np.intp)
+
+
+def _cell_reader(name):
+    """How to read every c_t out of backend ``name``'s cache, or None if it cannot.
+
+    A backend module offers this by defining ``cells_from_cache(cache_data, c_T) -> (T, B, H)``.
+    """
+    return getattr(sys.modules.get(_backends.BACKEND_MODULES[name]), "cells_from_cache", None)
+
+
+def _forward(x, weights, h0, c0, backend, need_cells):
+    """One direction of one layer over a time-major batch: ``lstm_forward`` plus, if asked, c_t.
+
+    Returns y (T, B, H), h_T, c_T (B, H) and cells (T, B, H) or None.
+    """
+    Wx, Wh, b = weights
+    if not need_cells:
+        y, h_T, c_T = _api.lstm_forward(x, Wx, Wh, b, h0, c0, backend=backend)
+        return y, h_T, c_T, None
+    shape = (x.shape[0], x.shape[1], Wx.shape[0], Wh.shape[0])
+    chosen = _api._resolve_backend(backend, shape).name
+    if _cell_reader(chosen) is None:
+        # This backend cannot expose its cells yet; the reference computes the same numbers.
+        chosen = "numpy"
+    y, h_T, c_T, cache = _api.lstm_forward(x, Wx, Wh, b, h0, c0, backend=chosen, return_cache=True)
+    return y, h_T, c_T, _cell_reader(chosen)(cache._data, c_T)
+
+
+class _BatchPlan:
+    """How a batch with per-sequence ``lengths`` runs: time segments over shrinking subsets.
+
+    At time t the sequences still running are the n_t = #{lengths > t} longest ones; n_t only
+    changes at the distinct lengths, so the time loop splits into segments [t0, t1) over a
+    fixed subset, each one `lstm_forward` call that carries that subset's state on. No step is
+    computed past a sequence's end. While every sequence runs (the first segment, usually the
+    longest) the batch is used as it is, without copies. The reverse direction reverses every
+    sequence within its own length, runs forward, and reverses back.
+    """
+
+    def __init__(self, lengths, T):
+        B = lengths.shape[0]
+        longest_first = np.argsort(-lengths, kind="stable")
+        sorted_lengths = lengths[longest_first]
+        self.segments = []  # (t0, t1, running): running is None for the whole batch
+        start = 0
+        for end in np.unique(sorted_lengths[sorted_lengths > 0]):
+            n_running = int(np.count_nonzero(sorted_lengths >= end))
+            # Indices in increasing order, so that gathers and scatters walk memory forwards.
+            running = None if n_running == B else np.sort(longest_first[:n_running])
+            self.segments.append((start, int(end), running))
+            start = int(end)
+        # reverse_time[t, j] is where step t of sequence j's reversed copy comes from; steps past
+        # the length map to themselves, where the outputs are zero.
+        steps = np.arange(T)[:, np.newaxis]
+        self.reverse_time = np.where(steps < lengths, lengths - 1 - steps, steps)
+        self.batch_cols = np.arange(B)[np.newaxis, :]
+
+    def run(self, x, weights, h0, c0, backend, need_cells, reverse):
+        """One direction over x (T, B, D); zeros past each length."""
+        if reverse:
+            x = x[self.reverse_time, self.batch_cols]
+        T, B, _ = x.shape
+        H = weights[1].shape[0]
+        y = np.zeros((T, B, H), x.dtype)
+        cells = np.zeros((T, B, H), x.dtype) if need_cells else None
+        h = np.zeros((B, H), x.dtype) if h0 is None else h0.copy()
+        c = np.zeros((B, H), x.dtype) if c0 is None else c0.copy()
+        for t0, t1, running in self.segments:
+            if running is None:
+                y[t0:t1], h, c, cells_seg = _forward(x[t0:t1], weights, h, c, backend, need_cells)
+                if need_cells:
+                    cells[t0:t1] = cells_seg
+                continue
+            y_seg, h[running], c[running], cells_seg = _forward(
+                x[t0:t1, running], weights, h[running], c[running], backend, need_cells
+            )
+            y[t0:t1, running] = y_seg
+            if need_cells:
+                cells[t0:t1, running] = cells_seg
+        if reverse:
+            y = y[self.reverse_time, self.batch_cols]
+            if need_cells:
+                cells = cells[self.reverse_time, self.batch_cols]
+        return y, h, c, cells
+
+
+class _FullPlan:
+    """Every sequence runs all T steps: one `lstm_forward` call per direction."""
+
+    def run(self, x, weights, h0, c0, backend, need_cells, reverse):
+        if reverse:
+            x = x[::-1]
+        y, h_T, c_T, cells = _forward(x, weights, h0, c0, backend, need_cells)
+        if reverse:
+            y = y[::-1]
+            cells = None if cells is None else cells[::-1]
+        return y, h_T, c_T, cells
+
+
+def _from_weights(cls, weights, config):
+    return cls.from_weights(weights, **config)
+
+
+class LSTMState:
+    """The running state of a batch of streams, for `LSTM.step`; made by `LSTM.initial_state`.
+
+    It owns every buffer a step writes into, so steps allocate nothing. One state serves one
+    thread at a time; give each concurrent stream (or batch of streams) its own state.
+
+    Attributes
+    ----------
+    batch_size : int
+        B, the number of streams stepped together.
+    h, c : ndarray, shape (num_layers, B, H)
+        Copies of the current hidden and cell states.
+    """
+
+    __slots__ = ("_layer", "_buffers", "batch_size")
+
+    def __init__(self, layer, buffers, batch_size):
+        self._layer = layer
+        self._buffers = buffers
+        self.batch_size = batch_size
+
+    @property
+    def h(self):
+        """Copy of the hidden states, shape (num_layers, B, H)."""
+        return np.stack([buffers.h for buffers in self._buffers])
+
+    @property
+    def c(self):
+        """Copy of the cell states, shape (num_layers, B, H)."""
+        return np.stack([buffers.c for buffers in self._buffers])
+
+    def __repr__(self):
+        return f"LSTMState(batch_size={self.batch_size}, layers={len(self._buffers)})"
+
+
+class LSTM:
+    """A stack of LSTM layers holding its weights; inputs and outputs shaped like torch.nn.LSTM.
+
+    Parameters
+    ----------
+    input_size : int
+        D, features per time step of the input.
+    hidden_size : int
+        H, hidden units per direction.
+    num_layers : int
+        Stacked layers; layer l > 0 reads layer l-1's output (num_directions·H features).
+    bidirectional : bool
+        Add a reverse direction to every layer; outputs concatenate [forward, reverse].
+    reverse : bool
+        Run only the reverse direction (each sequence read from its own end, outputs kept
+        aligned with the inputs), as ONNX's ``direction="reverse"``. Not with bidirectional.
+    batch_first : bool
+        Inputs and outputs are (B, T, ·) instead of (T, B, ·). States are (·, B, H) either way.
+    dtype : float32 or float64
+        Of the weights; every input must have it.
+    forget_bias : float
+        Initial bias of the forget gate. The other weights and biases start uniform in
+        ±1/√H, as torch initialises them.
+    seed : int, numpy.random.Generator or None
+        Seeds the initial weights.
+    backend : {None, "numpy", "numba", "cython"}
+        Passed to `fastlstm.lstm_forward`; None picks the fastest per call.
+
+    Notes
+    -----
+    Weights are kept per layer and direction, index ``k = layer·num_directions + direction``
+    (direction 1 is reverse), as ``(Wx (D_l, 4H), Wh (H, 4H), b (4H,))`` with gate blocks
+    i, f, o, g; D_0 = input_size, D_l = num_directions·H after. The arrays are read-only, which
+    lets one layer object serve many threads at once.
+    """
+
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        num_layers=1,
+        *,
+        bidirectional=False,
+        reverse=False,
+        batch_first=False,
+        dtype=np.float32,
+        forget_bias=1.0,
+        seed=None,
+        backend=None,
+    ):
+        input_size = _check_positive_int("input_size", input_size)
+        H = _check_positive_int("hidden_size", hidden_size)
+        num_layers = _check_positive_int("num_layers", num_layers)
+        dtype = _check_layer_dtype(dtype)
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / np.sqrt(H)
+        num_directions = 2 if bidirectional else 1
+        weights = []
+        for layer in range(num_layers):
+            D = input_size if layer == 0 else num_directions * H
+            for _ in range(num_directions):
+                Wx = rng.uniform(-bound, bound, (D, 4 * H))
+                Wh = rng.uniform(-bound, bound, (H, 4 * H))
+                b = rng.uniform(-bound, bound, 4 * H)
+                b[H : 2 * H] = forget_bias
+                weights.append((Wx.astype(dtype), Wh.astype(dtype), b.astype(dtype)))
+        self._configure(weights, bidirectional, reverse, batch_first, backend)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_weights(
+        cls, weights, *, bidirectional=False, reverse=False, batch_first=False, backend=None
+    ):
+        """Build a layer from weights already in fastlstm's layout.
+
+        Parameters
+        ----------
+        weights : sequence of (Wx, Wh, b)
+            One triple per layer and direction, index ``layer·num_directions + direction``:
+            Wx (D_l, 4H), Wh (H, 4H), b (4H,), gates i, f, o, g, one float dtype for all.
+            They are copied.
+        bidirectional, reverse, batch_first, backend
+            As for `LSTM`.
+
+        Returns
+        -------
+        LSTM
+        """
+        layer = cls.__new__(cls)
+        layer._configure(weights, bidirectional, reverse, batch_first, backend)
+        return layer
+
+    def _configure(self, weights, bidirectional, reverse, batch_first, backend):
+        if bidirectional and reverse:
+            raise ValueError("reverse=True runs one direction; it cannot be bidirectional")
+        num_directions = 2 if bidirectional else 1
+        weights = list(weights)
+        if not weights or len(weights) % num_directions:
+            raise ValueError(
+                f"weights must hold num_layers·num_directions triples (Wx, Wh, b) with "
+                f"num_directions = {num_directions}, got {len(weights)}"
+            )
+        first_Wx, first_Wh = weights[0][0], weights[0][1]
+        dtype = _check_layer_dtype(getattr(first_Wx, "dtype", None))
+        H = first_Wh.shape[0] if getattr(first_Wh, "ndim", 0) == 2 else 0
+        if H < 1:
+            raise ValueError(f"weights[0] Wh must have shape (H, 4H) with H >= 1, got {first_Wh!r}")
+        input_size = first_Wx.shape[0] if getattr(first_Wx, "ndim", 0) == 2 else 0
+        checked = []
+        for k, triple in enumerate(weights):
+            if len(triple) != 3:
+                raise ValueError(
+                    f"weights[{k}] must be a triple (Wx, Wh, b), got {len(triple)} items"
+                )
+            D = input_size if k < num_directions else num_directions * H
+            shapes = {
+                "Wx": ((D, 4 * H), "(D_l, 4H)"),
+                "Wh": ((H, 4 * H), "(H, 4H)"),
+                "b": ((4 * H,), "(4H,)"),
+            }
+            arrays = []
+            for (name, (shape, meaning)), array in zip(shapes.items(), triple):
+                _check_float_array(f"weights[{k}] {name}", array, dtype, shape, meaning)
+                array = np.array(array, order="C", copy=True)
+                array.setflags(write=False)
+                arrays.append(array)
+            checked.append(tuple(arrays))
+        self._weights = tuple(checked)
+        self._input_size = input_size
+        self._hidden_size = H
+        self._num_layers = len(checked) // num_directions
+        self._bidirectional = bool(bidirectional)
+        self._reverse = bool(reverse)
+        self._batch_first = bool(batch_first)
+        self._dtype = dtype
+        self._backend = _check_backend_name(backend)
+        self._step_lock = threading.Lock()
+        self._step_weights = None
+
+    # ------------------------------------------------------------------ properties
+
+    input_size = property(lambda self: self._input_size, doc="D, features per input step.")
+    hidden_size = property(lambda self: self._hidden_size, doc="H, hidden units per direction.")
+    num_layers = property(lambda self: self._num_layers, doc="Number of stacked layers.")
+    bidirectional = property(lambda self: self._bidirectional, doc="Whether layers run both ways.")
+    reverse = property(lambda self: self._reverse, doc="Whether the only direction is reverse.")
+    num_directions = property(lambda self: 2 if self._bidirectional else 1, doc="1 or 2.")
+    batch_first = property(lambda self: self._batch_first, doc="Inputs/outputs are (B, T, ·).")
+    dtype = property(lambda self: self._dtype, doc="numpy dtype of weights, inputs and outputs.")
+    backend = property(lambda self: self._backend, doc="Backend name passed to lstm_forward.")
+
+    @property
+    def weights(self):
+        """Read-only weights: tuple of (Wx (D_l, 4H), Wh (H, 4H), b (4H,)), gates i, f, o, g.
+
+        Index ``layer·num_directions + direction``, as for ``h_n``.
+        """
+        return self._weights
+
+    def __reduce__(self):
+        # Pickling (e.g. to send a layer to a worker process) rebuilds from weights and config;
+        # the step lock and prepared step weights are per process.
+        config = dict(
+            bidirectional=self._bidirectional,
+            reverse=self._reverse,
+            batch_first=self._batch_first,
+            backend=self._backend,
+        )
+        return (_from_weights, (type(self), self._weights, config))
+
+    def __repr__(self):
+        return (
+            f"LSTM(input_size={self._input_size}, hidden_size={self._hidden_size}, "
+            f"num_layers={self._num_layers}, bidirectional={self._bidirectional}, "
+            f"reverse={self._reverse}, "
+            f"batch_first={self._batch_first}, dtype={self._dtype.name}, backend={self._backend!r})"
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_input(self, x):
+        meaning = "(B, T, input_size)" if self._batch_first else "(T, B, input_size)"
+        _check_float_array("x", x, self._dtype, (None, None, self._input_size), meaning)
+        return x.swapaxes(0, 1) if self._batch_first else x
+
+    def _check_state(self, state, B):
+        if state is None:
+            return None, None
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError(f"state must be a tuple (h0, c0) or None, got {type(state).__name__}")
+        shape = (self._num_layers * self.num_directions, B, self._hidden_size)
+        meaning = "(num_layers·num_directions, B, hidden_size)"
+        for name, array in zip(("state[0] (h0)", "state[1] (c0)"), state):
+            if array is not None:
+                _check_float_array(name, array, self._dtype, shape, meaning)
+        return state
+
+    def __call__(self, x, state=None, lengths=None, *, return_cells=False):
+        """Run every layer and direction over a batch of sequences.
+
+        Parameters
+        ----------
+        x : ndarray, shape (T, B, input_size), or (B, T, input_size) with batch_first
+            The layer's dtype.
+        state : tuple (h0, c0) or None
+            Initial states, each (num_layers·num_directions, B, H) or None for zeros; index
+            ``layer·num_directions + direction``.
+        lengths : array of ints, shape (B,), optional
+            Valid steps of each sequence, in [0, T]. Outputs past a sequence's length are zero,
+            its final states are those at its own last step, and its reverse direction starts
+            there. None means every sequence has T steps.
+        return_cells : bool
+            Also return the last layer's cell state c_t at every step.
+
+        Returns
+        -------
+        y : ndarray, shape (T, B, num_directions·H), or (B, T, num_directions·H) with batch_first
+            The last layer's h_t, directions concatenated [forward, reverse].
+        (h_n, c_n) : ndarrays, shape (num_layers·num_directions, B, H)
+            Final states of every layer and direction.
+        cells : ndarray, shaped like y
+            Only with ``return_cells=True``: the last layer's c_t, zero past each length.
+
+        Notes
+        -----
+        With ``return_cells=True`` on a backend that cannot expose its cell states, that call
+        runs on the NumPy reference.
+        """
+        x = self._check_input(x)
+        T, B, _ = x.shape
+        h0, c0 = self._check_state(state, B)
+        plan = _FullPlan()
+        if lengths is not None:
+            lengths = _check_lengths(lengths, T, B)
+            if np.any(lengths != T):
+                plan = _BatchPlan(lengths, T)
+        H, dirs = self._hidden_size, self.num_directions
+        h_n = np.empty((self._num_layers * dirs, B, H), self._dtype)
+        c_n = np.empty_like(h_n)
+        layer_input = x
+        for layer in range(self._num_layers):
+            need_cells = return_cells and layer == self._num_layers - 1
+            outputs, cells = [], []
+            for direction in range(dirs):
+                k = layer * dirs + direction
+                y_k, h_n[k], c_n[k], cells_k = plan.run(
+                    layer_input,
+                    self._weights[k],
+                    None if h0 is None else h0[k],
+                    None if c0 is None else c0[k],
+                    self._backend,
+                    need_cells,
+                    reverse=direction == 1 or self._reverse,
+                )
+                outputs.append(y_k)
+                cells.append(cells_k)
+            layer_input = outputs[0] if dirs == 1 else np.concatenate(outputs, axis=2)
+        y = self._finish(layer_input)
+        if return_cells:
+            cells = cells[0] if dirs == 1 else np.concatenate(cells, axis=2)
+            return y, (h_n, c_n), self._finish(cells)
+        return y, (h_n, c_n)
+
+    def _finish(self, sequence):
+        """Back to the caller's layout, as a fresh C-contiguous array."""
+        if self._batch_first:
+            sequence = sequence.swapaxes(0, 1)
+        return np.ascontiguousarray(sequence)
+
+    # ------------------------------------------------------------------ streaming
+
+    def _prepared_step_weights(self):
+        """Per-layer (kernel, prepared weights), built once on first use (under a lock)."""
+        if self._step_weights is None:
+            with self._step_lock:
+                if self._step_weights is None:
+                    kernel = _step.get_step_kernel(self._backend)
+                    self._step_weights = (
+                        kernel,
+                        tuple(kernel.prepare(*weights) for weights in self._weights),
+                    )
+        return self._step_weights
+
+    def initial_state(self, batch_size, h0=None, c0=None):
+        """A fresh streaming state for `step`, owning every buffer the steps write into.
+
+        Parameters
+        ----------
+        batch_size : int
+            B, streams stepped together (>= 1).
+        h0, c0 : ndarray, shape (num_layers, B, H), optional
+            Initial states (copied); None means zeros.
+
+        Returns
+        -------
+        LSTMState
+        """
+        if self._bidirectional or self._reverse:
+            raise ValueError(
+                "step() streams forward in time; a layer with a reverse direction needs the "
+                "whole sequence (call the layer on it instead)"
+            )
+        B = _check_positive_int("batch_size", batch_size)
+        shape = (self._num_layers, B, self._hidden_size)
+        states = []
+        for name, array in (("h0", h0), ("c0", c0)):
+            if array is None:
+                array = np.zeros(shape, self._dtype)
+            states.append(
+                _check_float_array(
+                    name, array, self._dtype, shape, "(num_layers, batch_size, hidden_size)"
+                )
+            )
+        kernel, prepared = self._prepared_step_weights()
+        buffers = tuple(
+            kernel.new_buffers(prepared[layer], states[0][layer], states[1][layer])
+            for layer in range(self._num_layers)
+        )
+        return LSTMState(self, buffers, B)
+
+    def step(self, x_t, state):
+        """Advance a batch of streams by one time step; allocates nothing.
+
+        Parameters
+        ----------
+        x_t : ndarray, shape (B, input_size)
+            This step's input, the layer's dtype.
+        state : LSTMState
+            From `initial_state` of this layer; updated in place.
+
+        Returns
+        -------
+        y_t : ndarray, shape (B, H)
+            The last layer's h_t. It is a view into ``state``'s buffers that the next step
+            overwrites: copy it to keep it.
+        state : LSTMState
+            The same object, now at time t.
+        """
+        if not isinstance(state, LSTMState) or state._layer is not self:
+            raise TypeError("state must be an LSTMState made by this layer's initial_state()")
+        if (
+            not isinstance(x_t, np.ndarray)
+            or x_t.dtype != self._dtype
+            or x_t.shape
+            != (
+                state.batch_size,
+                self._input_size,
+            )
+        ):
+            _check_float_array(
+                "x_t",
+                x_t,
+                self._dtype,
+                (state.batch_size, self._input_size),
+                "(batch_size, input_size)",
+            )
+        kernel, prepared = self._step_weights
+        layer_input = x_t
+        for weights, buffers in zip(prepared, state._buffers):
+            kernel.step(weights, buffers, layer_input)
+            layer_input = buffers.h
+        return layer_input, state
+
+    # ------------------------------------------------------------------ persistence
+
+    def _config(self):
+        return {
+            "input_size": self._input_size,
+            "hidden_size": self._hidden_size,
+            "num_layers": self._num_layers,
+            "bidirectional": self._bidirectional,
+            "reverse": self._reverse,
+            "batch_first": self._batch_first,
+            "dtype": self._dtype.name,
+        }
+
+    def save(self, path):
+        """Write the layer to ``path`` as a fastlstm layer file (``.npz``, format version 1).
+
+        The file is a ZIP of uncompressed ``.npy`` members: ``config.npy``, a uint8 array of
+        UTF-8 JSON ``{"format": "fastlstm.LSTM", "format_version": 1, "input_size",
+        "hidden_size", "num_layers", "bidirectional", "reverse", "batch_first", "dtype",
+        "gate_order": "ifog"}``, and per layer l and direction d (``forward``, ``reverse``)
+        ``l{l}_{d}_Wx.npy`` (D_l, 4H), ``l{l}_{d}_Wh.npy`` (H, 4H), ``l{l}_{d}_b.npy`` (4H,).
+        The backend is not stored. ``numpy.load(path)`` reads it too.
+
+        Parameters
+        ----------
+        path : str, os.PathLike or writable binary file
+            Used exactly as given (no ``.npz`` is appended).
+        """
+        _persist.save(path, self._config(), self._weights)
+
+    @classmethod
+    def load(cls, path, *, backend=None):
+        """Read a layer written by `save`; never unpickles, validates every array.
+
+        Parameters
+        ----------
+        path : str, os.PathLike or readable binary file
+        backend : {None, "numpy", "numba", "cython"}
+            Not stored in the file: a runtime choice.
+
+        Returns
+        -------
+        LSTM
+
+        Raises
+        ------
+        ValueError
+            If the file is not a valid fastlstm layer file (truncated, corrupted, other format,
+            arrays whose shape or dtype disagree with the stored config).
+        """
+        config, weights = _persist.load(path)
+        return cls.from_weights(
+            weights,
+            bidirectional=config["bidirectional"],
+            reverse=config["reverse"],
+            batch_first=config["batch_first"],
+            backend=backend,
+        )
+
+    # ------------------------------------------------------------------ interop
+
+    @classmethod
+    def from_torch(cls, module_or_state_dict, *, batch_first=None, dtype=None, backend=None):
+        """Convert a ``torch.nn.LSTM`` (or its ``state_dict()``) into a layer.
+
+        Parameters
+        ----------
+        module_or_state_dict : torch.nn.LSTM or mapping of name -> tensor/ndarray
+            Any num_layers, bidirectional or not, with or without biases; ``proj_size > 0`` is
+            rejected. Weights ``weight_ih_l{k}`` (4H, D_k), ``weight_hh_l{k}`` (4H, H),
+            ``bias_ih_l{k}``, ``bias_hh_l{k}`` (4H,), suffix ``_reverse``, gates i, f, g, o.
+        batch_first : bool or None
+            None takes the module's setting (False for a state_dict).
+        dtype : float32, float64 or None
+            None keeps the source's dtype (which must be float32 or float64).
+        backend
+            As for `LSTM`.
+
+        Returns
+        -------
+        LSTM
+            ``layer(x, (h0, c0))`` matches ``module(x, (h0, c0))`` with the same shapes.
+        """
+        weights, config = _interop.from_torch(module_or_state_dict, dtype)
+        if batch_first is not None:
+            config["batch_first"] = batch_first
+        return cls.from_weights(weights, backend=backend, **config)
+
+    @classmethod
+    def from_onnx(cls, path_or_model, *, dtype=None, backend=None):
+        """Convert the LSTM node(s) of an ONNX model into a layer (needs the ``onnx`` package).
+
+        Parameters
+        ----------
+        path_or_model : str, os.PathLike or onnx.ModelProto
+            One LSTM node becomes one layer; several become stacked layers in graph order
+            (each must read the previous one's output, e.g. through Transpose + Reshape).
+            W (dirs, 4H, D), R (dirs, 4H, H), B (dirs, 8H) must be stored in the model; gates
+            i, o, f, c. Direction forward, reverse (a layer with ``reverse=True``) or
+            bidirectional, the same for every node. Peepholes, clip, input_forget and
+            non-default activations are rejected.
+        dtype : float32, float64 or None
+            None keeps the model's dtype.
+        backend
+            As for `LSTM`.
+
+        Returns
+        -------
+        LSTM
+            ``batch_first`` follows the node's ``layout`` attribute. ONNX's ``sequence_lens``,
+            ``initial_h`` and ``initial_c`` are the layer's ``lengths`` and ``state`` (same
+            (dirs, B, H) layout for one layer). Y (T, dirs, B, H) of ONNX is y (T, B, dirs·H).
+        """
+        weights, config = _interop.from_onnx(path_or_model, dtype)
+        return cls.from_weights(weights, backend=backend, **config)
+
+    @classmethod
+    def from_keras(cls, layer_or_weights, *, batch_first=True, dtype=None, backend=None):
+        """Convert a Keras LSTM (or ``Bidirectional(LSTM)``, or its weights) into a layer.
+
+        Parameters
+        ----------
+        layer_or_weights : keras.layers.LSTM, keras.layers.Bidirectional or sequence
+            A layer with tanh activation and sigmoid recurrent activation (``go_backwards``
+            only inside Bidirectional with ``merge_mode="concat"``); or its weights
+            ``[kernel (D, 4H), recurrent_kernel (H, 4H), bias (4H,)]`` (bias optional),
+            gates i, f, c, o.
+        batch_first : bool
+            Keras sequences are (B, T, D), so True by default.
+        dtype : float32, float64 or None
+            None keeps the source's dtype.
+        backend
+            As for `LSTM`.
+
+        Returns
+        -------
+        LSTM
+        """
+        weights, config = _interop.from_keras(layer_or_weights, dtype)
+        return cls.from_weights(weights, batch_first=batch_first, backend=backend, **config)
