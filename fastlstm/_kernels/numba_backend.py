@@ -782,6 +782,15 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     return dx.reshape(T, B, D), dh, dc, dWx, dWh, db
 
 
+def cells_from_cache(cache, c_T):
+    """Cell state c_t at every step, (T, B, H), from a forward cache (for `LSTM` return_cells).
+
+    A copy: the cache's own array feeds the backward pass.
+    """
+    cells = cache[4]
+    return cells[1:].copy()
+
+
 def speed_rank(T, B, D, H):
     """Higher than the reference (0) everywhere: measured faster on every benchmark shape.
 
