@@ -463,9 +463,18 @@ def _unit_range(part, n_parts, H):
 
 
 @njit(**_JIT)
-def _forward_part(Wh, b, xproj, hs, cells, gates, tanh_cells, pre, r, t, part, n_parts):
-    """Step t of row r for the hidden units of `part`; writes only step t's slots."""
+def _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells, pre, step, part,
+                  n_parts):
+    """`part` of `step`: step 0 is a row range of xproj = x @ Wx; step 1 + r*T + t is step t
+    of row r for the part's hidden units. Either writes only that step's slots.
+    """
+    if step == 0:
+        _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
+                          part, n_parts)
+        return
+    T = xproj.shape[0]
     H = hs.shape[2]
+    r, t = (step - 1) // T, (step - 1) % T
     lo, hi = _unit_range(part, n_parts, H)
     _recurrent_gate_columns(hs[t, r], Wh, pre, lo, hi)
     _cell_forward(pre, lo, H, xproj[t, r], b, cells[t, r], lo, hi - lo,
@@ -475,33 +484,30 @@ def _forward_part(Wh, b, xproj, hs, cells, gates, tanh_cells, pre, r, t, part, n
 @njit(parallel=True, **_JIT)
 def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience,
                           xproj, hs, cells, gates, tanh_cells):
-    """xproj = x @ Wx split by rows, then the rows one after the other, the hidden units of
-    each step split into n_parts claimed parts (see "Step barrier" above).
+    """The whole forward pass in one parallel region of claimed parts (see "Step barrier"):
+    xproj = x @ Wx by row ranges, then the rows one after the other, each step's hidden units
+    split into n_parts. One region, not two: under load a region waits for a slow thread.
     Needs full storage: cells (T+1, B, H), gates (T, B, 4H), tanh_cells (T, B, H).
     """
     T, B = xproj.shape[0], xproj.shape[1]
     H = hs.shape[2]
-    for part in prange(n_parts):
-        _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
-                          part, n_parts)
     for first in prange(n_parts):
         pre = np.empty(4 * H, dtype=xproj.dtype)
         own_cycles = 0
-        for step in range(B * T):
-            r, t = step // T, step % T
+        for step in range(1 + B * T):
             for q in range(n_parts):
                 part = (first + q) % n_parts
                 if _claim_part(claims, part, step):
                     start = _cycle_counter()
-                    _forward_part(Wh, b, xproj, hs, cells, gates, tanh_cells, pre, r, t,
-                                  part, n_parts)
+                    _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells,
+                                  pre, step, part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
-                    _forward_part(Wh, b, xproj, hs, cells, gates, tanh_cells, pre, r, t,
-                                  part, n_parts)
+                    _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells,
+                                  pre, step, part, n_parts)
                     _mark_done(done, step, part, n_parts)
 
 
@@ -739,7 +745,8 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
-            _forward_split_hidden(x_rows, Wx, b, Wh, n_workers, *_new_sync(B * T, n_workers),
+            _forward_split_hidden(x_rows, Wx, b, Wh, n_workers,
+                                  *_new_sync(1 + B * T, n_workers),
                                   PATIENCE_CYCLES, xproj, hs, cells, gates, tanh_cells)
         else:
             _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_workers,
