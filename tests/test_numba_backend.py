@@ -234,12 +234,24 @@ def test_helping_with_every_part_gives_the_same_bits(monkeypatch):
             np.testing.assert_array_equal(a, b)
 
 
-def test_planner_choices():
+def test_planner_choices(monkeypatch):
+    monkeypatch.setattr(nb, "_split_backoff", 0)
     assert nb._plan(1, 256, 2)[0] == "split_hidden"
     assert nb._plan(1, 256, 1) == ("chunks", 1, False)  # one row: BLAS forwards it to gemv
     assert nb._plan(8, 512, 2) == ("chunks", 2, True)  # few rows, wide H: per-row matvec
     assert nb._plan(64, 512, 2) == ("chunks", 2, False)
     assert nb._plan(3, 8, 4)[:2] == ("chunks", 3)
+
+
+def test_absent_partner_backs_off_to_one_thread_for_a_while(monkeypatch):
+    monkeypatch.setattr(nb, "_split_backoff", 0)
+    nb._note_partner(np.array([50, 50]))
+    assert nb._plan(1, 256, 2)[0] == "split_hidden"
+    nb._note_partner(np.array([98, 2]))
+    plans = [nb._plan(1, 256, 2) for _ in range(nb.SPLIT_BACKOFF_CALLS + 1)]
+    assert plans[:-1] == [("chunks", 1, True)] * nb.SPLIT_BACKOFF_CALLS
+    assert plans[-1][0] == "split_hidden"
+    assert nb._plan(4, 256, 2)[0] == "chunks"
 
 
 def test_speed_rank_prefers_numba_over_the_reference():

@@ -482,18 +482,20 @@ def _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells, pre, s
 
 
 @njit(parallel=True, **_JIT)
-def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience,
+def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience, parts_done,
                           xproj, hs, cells, gates, tanh_cells):
     """The whole forward pass in one parallel region of claimed parts (see "Step barrier"):
     xproj = x @ Wx by row ranges, then the rows one after the other, each step's hidden units
     split into n_parts. One region, not two: under load a region waits for a slow thread.
     Needs full storage: cells (T+1, B, H), gates (T, B, 4H), tanh_cells (T, B, H).
+    parts_done[i] (out) counts the parts the i-th thread computed.
     """
     T, B = xproj.shape[0], xproj.shape[1]
     H = hs.shape[2]
     for first in prange(n_parts):
         pre = np.empty(4 * H, dtype=xproj.dtype)
         own_cycles = 0
+        parts_done[first] = 0
         for step in range(1 + B * T):
             for q in range(n_parts):
                 part = (first + q) % n_parts
@@ -503,12 +505,14 @@ def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience,
                                   pre, step, part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
+                    parts_done[first] += 1
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
                     _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells,
                                   pre, step, part, n_parts)
                     _mark_done(done, step, part, n_parts)
+                    parts_done[first] += 1
 
 
 @njit(**_JIT)
@@ -598,18 +602,19 @@ def _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, r, k, p
 
 @njit(parallel=True, **_JIT)
 def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, done, patience,
-                           carry, dcs, dgates):
+                           parts_done, carry, dcs, dgates):
     """Rows one after the other; the hidden units split into n_parts claimed parts.
 
     Phase k of a row (k = 0..T) does, for the part's units: dL/dh_{T-k} = da_{T-k} @ Wh.T
     (k >= 1; needs all of da_{T-k}, finished in phase k-1), then the gate gradients of step
     T-1-k (k < T; needs only the part's own units). So one barrier per step.
     carry, dcs: (B, T+1, H) with carry[:, 0] = dL/dh_T, dcs[:, 0] = dL/dc_T; on return
-    carry[:, T] = dL/dh0 and dcs[:, T] = dL/dc0.
+    carry[:, T] = dL/dh0 and dcs[:, T] = dL/dc0. parts_done as in `_forward_split_hidden`.
     """
     T, B = dy.shape[0], dy.shape[1]
     for first in prange(n_parts):
         own_cycles = 0
+        parts_done[first] = 0
         for step in range(B * (T + 1)):
             r, k = step // (T + 1), step % (T + 1)
             for q in range(n_parts):
@@ -620,12 +625,14 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, do
                                    r, k, part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
+                    parts_done[first] += 1
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
                     _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs,
                                    r, k, part, n_parts)
                     _mark_done(done, step, part, n_parts)
+                    parts_done[first] += 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,9 +649,29 @@ MATVEC_ROWS = (2, 8)
 MATVEC_MIN_H = 256
 
 
+#: When a split call finds its partner thread mostly absent (it computed less than this share
+#: of the parts: the cores are busy with other work, and the split was then 1.3–2x slower
+#: than one thread), the next SPLIT_BACKOFF_CALLS one-row calls run on one thread. They use
+#: the same matrix-vector kernels, so the results are bit-identical either way.
+SPLIT_MIN_SHARE = 0.25
+SPLIT_BACKOFF_CALLS = 20
+_split_backoff = 0
+
+
+def _note_partner(parts_done):
+    """Start a back-off if the parts were not shared (see SPLIT_MIN_SHARE)."""
+    global _split_backoff
+    if parts_done.min() < SPLIT_MIN_SHARE * parts_done.sum() / len(parts_done):
+        _split_backoff = SPLIT_BACKOFF_CALLS
+
+
 def _plan(B, H, n_threads):
     """Return (mode, n_workers, use_matvec); mode is "chunks" or "split_hidden"."""
+    global _split_backoff
     if B == 1 and n_threads > 1 and H >= SPLIT_HIDDEN_MIN_H:
+        if _split_backoff > 0:
+            _split_backoff -= 1
+            return "chunks", 1, True
         return "split_hidden", n_threads, True
     n_chunks = max(1, min(n_threads, B))
     rows = B // n_chunks
@@ -745,9 +772,11 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
+            parts_done = np.empty(n_workers, np.int64)
             _forward_split_hidden(x_rows, Wx, b, Wh, n_workers,
-                                  *_new_sync(1 + B * T, n_workers),
-                                  PATIENCE_CYCLES, xproj, hs, cells, gates, tanh_cells)
+                                  *_new_sync(1 + B * T, n_workers), PATIENCE_CYCLES,
+                                  parts_done, xproj, hs, cells, gates, tanh_cells)
+            _note_partner(parts_done)
         else:
             _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_workers,
                                   xproj, hs, cells, gates, tanh_cells)
@@ -770,13 +799,15 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
     with blas_threads(1), _numba_threads(n_threads):
         if mode == "split_hidden":
+            parts_done = np.empty(n_workers, np.int64)
             carry = np.empty((B, T + 1, H), dy.dtype)
             dcs = np.empty((B, T + 1, H), dy.dtype)
             carry[:, 0] = dh
             dcs[:, 0] = dc
             _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_workers,
                                    *_new_sync(B * (T + 1), n_workers), PATIENCE_CYCLES,
-                                   carry, dcs, dgates)
+                                   parts_done, carry, dcs, dgates)
+            _note_partner(parts_done)
             dh, dc = carry[:, T].copy(), dcs[:, T].copy()
         else:
             _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec,
