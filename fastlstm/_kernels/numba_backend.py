@@ -48,7 +48,9 @@ _LAYER_MODULES = {"omp": "omppool", "tbb": "tbbpool", "workqueue": "workqueue"}
 #: libgomp's default lets idle threads spin ~300k iterations after every parallel region; on
 #: 2 cores shared with other work that starved the thread doing the work: S1 forward on 2
 #: threads took 23 ms spinning vs 0.6 ms passive (1 thread: 0.5 ms). Our kernels wait for
-#: each other with their own spin-then-yield barrier, so they lose nothing by it.
+#: each other inside a region with their own spin-then-help barrier, so they lose only a
+#: futex wake-up per region. The setting applies to the process's libgomp (also the Cython
+#: backend's, when this module loads it first).
 _GOMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
