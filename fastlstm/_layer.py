@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from . import _api, _backends, _interop, _persist, _step
+from .train import Gradients
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -177,7 +178,12 @@ class _BatchPlan:
                     cells[t0:t1] = cells_seg
             else:
                 y_seg, h[running], c[running], cells_seg, cache = _forward(
-                    x[t0:t1, running], weights, h[running], c[running], backend, need_cells,
+                    x[t0:t1, running],
+                    weights,
+                    h[running],
+                    c[running],
+                    backend,
+                    need_cells,
                     need_caches,
                 )
                 y[t0:t1, running] = y_seg
@@ -259,25 +265,6 @@ def _read_only_view(array):
     view = array.view()
     view.setflags(write=False)
     return view
-
-
-class Gradients(dict):
-    """What `LSTM.backward` returns: a dict of parameter gradients, plus the input gradients.
-
-    As a dict it maps each name of `LSTM.parameters` to the gradient of that array (same shape
-    and dtype), so it goes straight to an optimizer of `fastlstm.train` and to
-    `fastlstm.train.clip_grad_norm`.
-
-    Attributes
-    ----------
-    dx : ndarray, shaped like the forward call's x
-        Gradient with respect to the input; zero past each sequence's length.
-    dh0, dc0 : ndarray, shape (num_layers·num_directions, B, H)
-        Gradients with respect to the initial states (also when the forward call started from
-        zeros, ``state=None``).
-    """
-
-    __slots__ = ("dx", "dh0", "dc0")
 
 
 class TrainCache:
@@ -779,13 +766,16 @@ class LSTM:
             if layer and cache._masks is not None:
                 d_input = d_input * cache._masks[layer - 1]
             d_output = d_input
-        grads = Gradients(
-            (name, d_weight)
-            for names, triple in zip(self._parameter_names, d_weights)
-            for name, d_weight in zip(names, triple)
+        return Gradients(
+            (
+                (name, d_weight)
+                for names, triple in zip(self._parameter_names, d_weights)
+                for name, d_weight in zip(names, triple)
+            ),
+            dx=self._finish(d_output),
+            dh0=dh0,
+            dc0=dc0,
         )
-        grads.dx, grads.dh0, grads.dc0 = self._finish(d_output), dh0, dc0
-        return grads
 
     def _check_train_cache(self, cache):
         if not isinstance(cache, TrainCache):

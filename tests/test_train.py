@@ -20,11 +20,14 @@ OPTIMIZERS = [
 
 def gradient_sequence(shapes, steps, seed=0):
     rng = np.random.default_rng(seed)
-    return [{name: rng.standard_normal(shape) for name, shape in shapes.items()}
-            for _ in range(steps)]
+    return [
+        {name: rng.standard_normal(shape) for name, shape in shapes.items()} for _ in range(steps)
+    ]
 
 
-@pytest.mark.parametrize("name, options", OPTIMIZERS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(OPTIMIZERS)])
+@pytest.mark.parametrize(
+    "name, options", OPTIMIZERS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(OPTIMIZERS)]
+)
 def test_optimizer_matches_torch(name, options):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(1)
@@ -44,7 +47,9 @@ def test_optimizer_matches_torch(name, options):
             tensor.grad = torch.tensor(grads[key])
         theirs.step()
         for key in shapes:
-            np.testing.assert_allclose(params[key], tensors[key].detach().numpy(), rtol=1e-12, atol=1e-13)
+            np.testing.assert_allclose(
+                params[key], tensors[key].detach().numpy(), rtol=1e-12, atol=1e-13
+            )
 
 
 def test_sgd_momentum_by_hand():
@@ -96,7 +101,9 @@ def test_clip_grad_norm_matches_torch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
     grads = {"a": rng.standard_normal((4, 5)) * 10, "b": rng.standard_normal(7)}
-    tensors = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads.values()]
+    tensors = [
+        torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads.values()
+    ]
     for t, g in zip(tensors, grads.values()):
         t.grad = torch.tensor(g.copy())
     want = torch.nn.utils.clip_grad_norm_(tensors, max_norm=2.0)
