@@ -7,6 +7,8 @@ import pathlib
 import numpy as np
 import pytest
 
+import fastlstm
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -43,3 +45,21 @@ def test_char_lm_runs_and_learns():
     assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 1.0
     sample = model.sample(vocabulary, 50, prime="Beautiful")
     assert len(sample) == 50 and set(sample) <= set(vocabulary.symbols)
+
+
+def test_benchmarked_training_steps_agree_with_torch():
+    """The steps that benchmark_training.py times train alike: after three steps of each,
+    fastlstm's weights (every backend) equal torch's."""
+    pytest.importorskip("torch")
+    bench = load_example("benchmark_training")
+    weights, x, dy = bench.make_problem(6, 3, 5, 8, num_layers=2)
+    torch_step, torch_weights = bench.torch_train_step(weights, x, dy, lr=0.01, train_bias_hh=False)
+    for _ in range(3):
+        torch_step()
+    for backend in fastlstm.available_backends():
+        step, current = bench.fastlstm_train_step(weights, x, dy, backend, lr=0.01)
+        for _ in range(3):
+            step()
+        for ours, theirs in zip(current(), torch_weights()):
+            for a, b in zip(ours, theirs):
+                np.testing.assert_allclose(a, b, atol=2e-5)
