@@ -355,8 +355,8 @@ class LSTM:
         Passed to `fastlstm.lstm_forward`; None picks the fastest per call.
     dropout : float in [0, 1)
         Probability of zeroing each output of every layer but the last in `forward_train` (the
-        others are scaled by 1/(1 - dropout)), as ``torch.nn.LSTM``'s dropout. Inference
-        (calling the layer, `step`) never drops.
+        others are scaled by 1/(1 - dropout)), as ``torch.nn.LSTM``'s dropout; no effect with
+        one layer. Inference (calling the layer, `step`) never drops.
 
     Notes
     -----
