@@ -51,6 +51,7 @@ def extensions():
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                 extra_compile_args=["-O3"] + openmp_flags,
                 extra_link_args=openmp_flags,
+                depends=glob.glob(os.path.join("fastlstm", "_kernels", "csrc", "*.h")),
             )
         )
     return cythonize(

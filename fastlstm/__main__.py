@@ -110,8 +110,8 @@ def main(argv=None):
     run.add_argument("--backends", type=_names(list(IMPLEMENTATIONS)),
                      default=list(IMPLEMENTATIONS),
                      help="implementations, from " + ",".join(IMPLEMENTATIONS) + " (default: all)")
-    run.add_argument("--ops", type=_names(list(OPS)), default=["fwd", "fwdbwd"],
-                     help="from " + ",".join(OPS) + " (default: fwd,fwdbwd)")
+    run.add_argument("--ops", type=_names(list(OPS)), default=list(OPS),
+                     help="from " + ",".join(OPS) + " (default: all)")
     run.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     run.add_argument("--threads", type=int, default=_threads.get_num_threads(),
                      help="threads for every implementation (default: all cores)")

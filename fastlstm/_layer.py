@@ -78,24 +78,11 @@ def _check_lengths(lengths, T, B):
     return arr.astype(np.intp)
 
 
-def _numpy_cells(cache_data, c_T):
-    """c_t for every step from the reference backend's cache: step t+1 keeps c_t as c_prev."""
-    step_caches = cache_data[0]
-    if not step_caches:
-        return np.empty((0,) + c_T.shape, c_T.dtype)
-    return np.stack([step_cache[2] for step_cache in step_caches[1:]] + [c_T])
-
-
-_CELL_READERS = {"numpy": _numpy_cells}
-
-
 def _cell_reader(name):
     """How to read every c_t out of backend ``name``'s cache, or None if it cannot.
 
     A backend module offers this by defining ``cells_from_cache(cache_data, c_T) -> (T, B, H)``.
     """
-    if name in _CELL_READERS:
-        return _CELL_READERS[name]
     return getattr(sys.modules.get(_backends.BACKEND_MODULES[name]), "cells_from_cache", None)
 
 

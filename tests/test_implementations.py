@@ -30,6 +30,8 @@ def test_implementation_matches_reference(name, op, shape, dtype):
     got = prepared.result(prepared.call())
 
     x, Wx, Wh, b, h0, c0, dy = (a.astype(np.float64) for a in problem)
+    if op == "step":
+        x = x[:1]
     *want, cache = fastlstm.lstm_forward(x, Wx, Wh, b, h0, c0, backend="numpy", return_cache=True)
     forward_tol, grad_tol = TOLERANCE[dtype]
     for label, a, w in zip(("y", "h_T", "c_T"), got[:3], want):

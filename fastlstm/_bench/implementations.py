@@ -1,7 +1,8 @@
 """One registry of the ways to run an LSTM, shared by the benchmarks and the tests.
 
 Every entry can prepare a call for an operation ("fwd": forward; "fwdbwd": forward and the
-backward pass with upstream gradient ``dy``) on a `Problem`. Preparing does the one-off work
+backward pass with upstream gradient ``dy``; "step": one streaming time step on ``x[0]`` from
+the state (h0, c0), as a service receiving one frame at a time) on a `Problem`. Preparing does the one-off work
 (weight conversion, graph building, JIT warm-up) outside the timed call; `Prepared.call` is
 what is timed, and `Prepared.result` turns its return value into our layout, so that the tests
 can check every benchmarked implementation against the reference.
@@ -13,6 +14,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 import fastlstm
+
+from .problems import OPS
 
 # Gate blocks along the 4H axis: ours are i, f, o, g. Block k of the peer's layout is our block
 # ORDER[k]; both permutations are their own inverse.
@@ -29,7 +32,8 @@ def reorder_gates(array, order, axis=-1):
 class Prepared(NamedTuple):
     """A ready-to-time call and the conversion of its return value.
 
-    result(output) -> (y, h_T, c_T) for "fwd"; (y, h_T, c_T, LSTMGrads) for "fwdbwd".
+    result(output) -> (y, h_T, c_T) for "fwd"; (y, h_T, c_T, LSTMGrads) for "fwdbwd";
+    (y (1, B, H), h_1, c_1) for "step", valid after the first call.
     """
 
     call: Callable
@@ -65,6 +69,13 @@ class Implementation(NamedTuple):
 def _prepare_fastlstm(backend):
     def prepare(op, problem, n_threads):
         x, Wx, Wh, b, h0, c0, dy = problem
+        if op == "step":
+            layer = fastlstm.LSTM.from_weights([(Wx, Wh, b)], backend=backend)
+            state = layer.initial_state(x.shape[1], h0[None], c0[None])
+            x_t = x[0]
+            call = lambda: layer.step(x_t, state)
+            result = lambda output: (output[0][None], state.h[0], state.c[0])
+            return Prepared(call, result)
         if op == "fwd":
             call = lambda: fastlstm.lstm_forward(x, Wx, Wh, b, h0, c0, backend=backend)
             result = lambda output: output
@@ -101,7 +112,19 @@ def _prepare_torch(op, problem, n_threads):
     def outputs(y, h_n, c_n):
         return y.detach().numpy(), h_n[0].detach().numpy(), c_n[0].detach().numpy()
 
-    if op == "fwd":
+    if op == "step":
+        cell = torch.nn.LSTMCell(D, H).to(x_t.dtype)
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).copy_(getattr(lstm, name + "_l0"))
+        frame, cell_state = x_t[0], tuple(s[0] for s in states)
+
+        def call():
+            with torch.no_grad():
+                return cell(frame, cell_state)
+
+        result = lambda output: (output[0][None].numpy(), output[0].numpy(), output[1].numpy())
+    elif op == "fwd":
 
         def call():
             with torch.no_grad():
@@ -192,10 +215,10 @@ def _prepare_onnxruntime(op, problem, n_threads):
 IMPLEMENTATIONS = {
     impl.name: impl
     for impl in (
-        Implementation("numpy", False, ("fwd", "fwdbwd"), (), _prepare_fastlstm("numpy")),
-        Implementation("numba", False, ("fwd", "fwdbwd"), (), _prepare_fastlstm("numba")),
-        Implementation("cython", False, ("fwd", "fwdbwd"), (), _prepare_fastlstm("cython")),
-        Implementation("torch", True, ("fwd", "fwdbwd"), ("torch",), _prepare_torch),
+        Implementation("numpy", False, OPS, (), _prepare_fastlstm("numpy")),
+        Implementation("numba", False, OPS, (), _prepare_fastlstm("numba")),
+        Implementation("cython", False, OPS, (), _prepare_fastlstm("cython")),
+        Implementation("torch", True, OPS, ("torch",), _prepare_torch),
         # onnxruntime 1.31: "LSTM operator does not support double yet".
         Implementation("onnxruntime", True, ("fwd",), ("onnxruntime", "onnx"),
                        _prepare_onnxruntime, dtypes=("float32",)),

@@ -126,6 +126,14 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     return dx, dh_next.copy(), dc_next.copy(), dWx, dWh, db
 
 
+def cells_from_cache(cache, c_T):
+    """Cell state c_t at every step, (T, B, H): step t+1's cache keeps c_t as its c_prev."""
+    step_caches = cache[0]
+    if not step_caches:
+        return np.empty((0,) + c_T.shape, c_T.dtype)
+    return np.stack([step_cache[2] for step_cache in step_caches[1:]] + [c_T])
+
+
 def speed_rank(T, B, D, H):
     """The reference is never the fastest choice."""
     return 0

@@ -1,0 +1,435 @@
+# cython: boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Compiled LSTM forward and BPTT kernels of the Cython backend (glue: cython_backend.py).
+
+Every kernel computes into arrays the caller allocated and runs without the GIL inside OpenMP
+regions of exactly ``n_threads`` threads. BLAS (through `_blas.gemm`) is called from inside
+those regions on row or column partitions, so the caller must hold BLAS to one thread:
+one owner of the cores per call (DESIGN.md §6).
+
+Two ways through the time loops, chosen by the caller (``use_matvec``):
+- matvec (small batches): the threads split the hidden units (all four gates of a unit
+  together) and run the whole sequence in ONE parallel region with a barrier per step. A
+  forward step is a fused product over pre-arranged (packed) recurrent weights, two batch rows
+  at a time, plus the cell update (forward_step in csrc/lstm_kernels_impl.h); a backward step
+  is the cell's backward and dh = da @ Wh.T over Wh's natural rows. Each thread streams only its
+  share of the weights, and nothing repacks them per step.
+- batch: the threads split the batch rows, which are independent over the whole sequence, and
+  each runs its own single-threaded gemm per step with no synchronisation at all.
+The input projection ``x @ Wx`` and, in backward, dx, dWx and dWh are single large GEMMs
+outside the time loop, split across the threads.
+
+Gate blocks along the 4H axis: i, f, o, g.
+"""
+
+import os
+
+from cython cimport floating
+from cython.parallel cimport parallel, threadid
+from libc.string cimport memcpy
+
+from fastlstm._kernels._blas cimport gemm
+
+
+cdef extern from "csrc/lstm_kernels.h" nogil:
+    int FASTLSTM_UNITS_F32
+    int FASTLSTM_UNITS_F64
+    int fastlstm_cpu_has_simd()
+    int fastlstm_set_simd(int wanted)
+    int fastlstm_team_size()
+    int fastlstm_simd_active
+
+    ctypedef struct fastlstm_barrier:
+        pass
+    void fastlstm_barrier_init(fastlstm_barrier *barrier)
+    int fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
+
+    void fastlstm_sigmoid_array_f32(const float *x, float *out, Py_ssize_t n)
+    void fastlstm_sigmoid_array_f64(const double *x, double *out, Py_ssize_t n)
+    void fastlstm_tanh_array_f32(const float *x, float *out, Py_ssize_t n)
+    void fastlstm_tanh_array_f64(const double *x, double *out, Py_ssize_t n)
+    void fastlstm_cell_update_f32(float *gates, Py_ssize_t H, const float *c_prev, float *c,
+                                  float *h, float *tanh_c, Py_ssize_t u_begin, Py_ssize_t u_end)
+    void fastlstm_cell_update_f64(double *gates, Py_ssize_t H, const double *c_prev, double *c,
+                                  double *h, double *tanh_c, Py_ssize_t u_begin,
+                                  Py_ssize_t u_end)
+    void fastlstm_forward_step_f32(const float *packed, Py_ssize_t H, Py_ssize_t rows,
+                                   const float *h_prev, float *gates, const float *c_prev,
+                                   float *c, float *h, float *tanh_c, Py_ssize_t blk_begin,
+                                   Py_ssize_t blk_end)
+    void fastlstm_forward_step_f64(const double *packed, Py_ssize_t H, Py_ssize_t rows,
+                                   const double *h_prev, double *gates, const double *c_prev,
+                                   double *c, double *h, double *tanh_c, Py_ssize_t blk_begin,
+                                   Py_ssize_t blk_end)
+    void fastlstm_backward_cell_f32(const float *gates, Py_ssize_t H, const float *c_prev,
+                                    const float *tanh_c, const float *dy, const float *dh,
+                                    float *dc, float *da, Py_ssize_t u_begin, Py_ssize_t u_end)
+    void fastlstm_backward_cell_f64(const double *gates, Py_ssize_t H, const double *c_prev,
+                                    const double *tanh_c, const double *dy, const double *dh,
+                                    double *dc, double *da, Py_ssize_t u_begin,
+                                    Py_ssize_t u_end)
+    void fastlstm_backward_dh_f32(const float *Wh, Py_ssize_t H, Py_ssize_t rows,
+                                  const float *da, float *dh, Py_ssize_t j_begin,
+                                  Py_ssize_t j_end)
+    void fastlstm_backward_dh_f64(const double *Wh, Py_ssize_t H, Py_ssize_t rows,
+                                  const double *da, double *dh, Py_ssize_t j_begin,
+                                  Py_ssize_t j_end)
+
+
+# ---- instruction set -------------------------------------------------------------------------
+
+def cpu_has_simd():
+    """Whether this CPU runs the AVX2+FMA kernels."""
+    return bool(fastlstm_cpu_has_simd())
+
+
+def _set_simd(bint wanted):
+    """Use the AVX2+FMA kernels (if the CPU has them) or the portable ones; returns the choice.
+
+    Private: for the tests, which run the portable kernels against the reference.
+    """
+    return bool(fastlstm_set_simd(wanted))
+
+
+def simd_active():
+    """Whether the kernels now run the AVX2+FMA build."""
+    return bool(fastlstm_simd_active)
+
+
+# FASTLSTM_DISABLE_SIMD=1 in the environment at import forces the portable kernels.
+_set_simd(os.environ.get("FASTLSTM_DISABLE_SIMD", "0") in ("", "0"))
+
+
+# ---- element-wise activations (exposed for the tests) ----------------------------------------
+
+def sigmoid(const floating[::1] x, floating[::1] out):
+    """out = 1 / (1 + exp(-x)) with the kernels' activation."""
+    with nogil:
+        if floating is float:
+            fastlstm_sigmoid_array_f32(&x[0], &out[0], x.shape[0])
+        else:
+            fastlstm_sigmoid_array_f64(&x[0], &out[0], x.shape[0])
+
+
+def tanh(const floating[::1] x, floating[::1] out):
+    """out = tanh(x) with the kernels' activation."""
+    with nogil:
+        if floating is float:
+            fastlstm_tanh_array_f32(&x[0], &out[0], x.shape[0])
+        else:
+            fastlstm_tanh_array_f64(&x[0], &out[0], x.shape[0])
+
+
+# ---- packing ---------------------------------------------------------------------------------
+
+def units_per_block(dtype_size):
+    """Hidden units per block of the packed recurrent weights for an element of that size."""
+    return FASTLSTM_UNITS_F32 if dtype_size == 4 else FASTLSTM_UNITS_F64
+
+
+def packed_size(Py_ssize_t H, dtype_size):
+    """Number of elements `pack_recurrent_weights` writes for hidden size H."""
+    cdef Py_ssize_t units = units_per_block(dtype_size)
+    return (H + units - 1) // units * H * 4 * units
+
+
+def pack_recurrent_weights(const floating[:, ::1] Wh, floating[::1] packed):
+    """Arrange Wh (H, 4H) for forward_step: per block of U hidden units, H rows of [i|f|o|g] x U.
+
+    packed[((blk * H + k) * 4 + q) * U + j] = Wh[k, q * H + blk * U + j], 0 where that unit >= H.
+    """
+    cdef Py_ssize_t H = Wh.shape[0]
+    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t n_blocks = (H + units - 1) // units
+    cdef Py_ssize_t blk, k, q, j, n
+    cdef floating *out = &packed[0]
+    with nogil:
+        for blk in range(n_blocks):
+            n = min(units, H - blk * units)
+            for k in range(H):
+                for q in range(4):
+                    memcpy(out, &Wh[k, q * H + blk * units], n * sizeof(floating))
+                    for j in range(n, units):
+                        out[j] = 0
+                    out += units
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _bound(Py_ssize_t n, int parts, int part, Py_ssize_t grain) noexcept nogil:
+    """Start of share `part` of `parts` near-equal shares of range(n), cut at multiples of grain.
+
+    Share p is [_bound(.., p, ..), _bound(.., p + 1, ..)). (Returned, not written through a
+    pointer: Cython makes a variable thread-private only where the parallel block assigns it.)
+    """
+    cdef Py_ssize_t chunks = (n + grain - 1) // grain
+    return min(n, chunks * part // parts * grain)
+
+
+cdef void _input_projection(const floating *x, const floating *Wx, const floating *b,
+                            floating *gates, Py_ssize_t rows, Py_ssize_t D, Py_ssize_t H,
+                            int n_threads) noexcept nogil:
+    """gates (rows, 4H) = x (rows, D) @ Wx (D, 4H) + b, rows split across the threads."""
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t begin, end, r, n
+    with parallel(num_threads=n_threads):
+        begin = _bound(rows, fastlstm_team_size(), threadid(), 1)
+        end = _bound(rows, fastlstm_team_size(), threadid() + 1, 1)
+        for r in range(begin, end):
+            for n in range(G):
+                gates[r * G + n] = b[n]
+        # gates[begin:end] += x[begin:end] @ Wx
+        gemm(False, False, end - begin, G, D, 1, x + begin * D, D, Wx, G, 1,
+             gates + begin * G, G)
+
+
+# ---- forward ---------------------------------------------------------------------------------
+
+cdef void _forward_matvec(const floating *packed, const floating *h0, const floating *c0,
+                          floating *gates, floating *y, floating *c_store, floating *tanh_c,
+                          Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
+                          int n_threads) noexcept nogil:
+    """The time loop: threads split the hidden-unit blocks, one barrier a step."""
+    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t n_blocks = (H + units - 1) // units
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t BH = B * H
+    cdef Py_ssize_t blk_begin, blk_end, t
+    cdef int team
+    cdef const floating *h_prev
+    cdef const floating *c_prev
+    cdef floating *c
+    cdef floating *tc
+    cdef fastlstm_barrier barrier
+    fastlstm_barrier_init(&barrier)
+    with parallel(num_threads=n_threads):
+        team = fastlstm_team_size()
+        blk_begin = _bound(n_blocks, team, threadid(), 1)
+        blk_end = _bound(n_blocks, team, threadid() + 1, 1)
+        for t in range(T):
+            h_prev = h0 if t == 0 else y + (t - 1) * BH
+            c = c_store + t * BH if keep_history else c_store
+            c_prev = (c0 if t == 0 else c - BH) if keep_history else c
+            tc = tanh_c + t * BH if keep_history else NULL
+            # gates[t] += h_prev @ Wh, then the cell update, for this thread's units
+            if floating is float:
+                fastlstm_forward_step_f32(packed, H, B, h_prev, gates + t * B * G, c_prev, c,
+                                          y + t * BH, tc, blk_begin, blk_end)
+            else:
+                fastlstm_forward_step_f64(packed, H, B, h_prev, gates + t * B * G, c_prev, c,
+                                          y + t * BH, tc, blk_begin, blk_end)
+            if fastlstm_barrier_wait(&barrier, team):
+                # the cores are busy elsewhere: thread 0 finishes the sequence alone
+                if threadid() != 0:
+                    break
+                team = 1
+                blk_begin = 0
+                blk_end = n_blocks
+
+
+cdef void _forward_batch(const floating *Wh, const floating *h0, const floating *c0,
+                         floating *gates, floating *y, floating *c_store, floating *tanh_c,
+                         Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
+                         int n_threads) noexcept nogil:
+    """The time loop for batches: threads split the batch rows and never synchronise."""
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t row_begin, row_end, t, row, step
+    cdef const floating *h_prev
+    cdef const floating *c_prev
+    cdef floating *c
+    cdef floating *tc
+    with parallel(num_threads=n_threads):
+        row_begin = _bound(B, fastlstm_team_size(), threadid(), 1)
+        row_end = _bound(B, fastlstm_team_size(), threadid() + 1, 1)
+        for t in range(T):
+            if row_end > row_begin:
+                step = t * B + row_begin
+                h_prev = h0 + row_begin * H if t == 0 else y + (step - B) * H
+                # gates[t, rows] += h_prev[rows] @ Wh
+                gemm(False, False, row_end - row_begin, G, H, 1, h_prev, H, Wh, G, 1,
+                     gates + step * G, G)
+            for row in range(row_begin, row_end):
+                step = t * B + row
+                c = c_store + (step * H if keep_history else row * H)
+                c_prev = (c0 + row * H if t == 0 else c - B * H) if keep_history else c
+                tc = tanh_c + step * H if keep_history else NULL
+                if floating is float:
+                    fastlstm_cell_update_f32(gates + step * G, H, c_prev, c, y + step * H, tc,
+                                             0, H)
+                else:
+                    fastlstm_cell_update_f64(gates + step * G, H, c_prev, c, y + step * H, tc,
+                                             0, H)
+
+
+def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
+            const floating[::1] b, const floating[::1] packed, const floating[:, ::1] h0,
+            const floating[:, ::1] c0, floating[:, :, ::1] gates, floating[:, :, ::1] y,
+            floating[:, :, ::1] c_store, floating[:, :, ::1] tanh_c, bint use_matvec,
+            int n_threads):
+    """LSTM forward pass into preallocated arrays.
+
+    Inputs: x (T, B, D), Wx (D, 4H), Wh (H, 4H), b (4H,), h0, c0 (B, H); packed: Wh arranged
+    by `pack_recurrent_weights` (read only with use_matvec).
+    Outputs: gates (T, B, 4H): the activated gates i, f, o, g; y (T, B, H);
+    c_store: (T, B, H) cell states of every step, or (1, B, H) holding c0 on entry and c_T on
+    exit when no history is kept; tanh_c: (T, B, H) tanh of every cell state, or an empty array
+    when no history is kept. Caller holds BLAS to one thread.
+    """
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = h0.shape[1]
+    cdef bint keep_history = tanh_c.shape[0] > 0
+    cdef floating *tanh_c_ptr = &tanh_c[0, 0, 0] if keep_history else NULL
+    with nogil:
+        _input_projection(&x[0, 0, 0], &Wx[0, 0], &b[0], &gates[0, 0, 0], T * B, D, H,
+                          n_threads)
+        if use_matvec:
+            _forward_matvec(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0],
+                                &y[0, 0, 0], &c_store[0, 0, 0], tanh_c_ptr, T, B, H,
+                                keep_history, n_threads)
+        else:
+            _forward_batch(&Wh[0, 0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
+                           &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads)
+
+
+# ---- backward --------------------------------------------------------------------------------
+
+cdef inline const floating *_c_prev(const floating *c0, const floating *c_all, Py_ssize_t t,
+                                    Py_ssize_t row, Py_ssize_t B, Py_ssize_t H) noexcept nogil:
+    """c_{t-1} of one row: c0 at t = 0, else the stored cell state of step t-1."""
+    return c0 + row * H if t == 0 else c_all + ((t - 1) * B + row) * H
+
+
+cdef void _backward_matvec(const floating *Wh, const floating *c0, const floating *gates,
+                           const floating *c_all, const floating *tanh_c, const floating *dy,
+                           floating *da, floating *dh, floating *dc, Py_ssize_t T, Py_ssize_t B,
+                           Py_ssize_t H, int n_threads) noexcept nogil:
+    """BPTT time loop for small batches: threads split the hidden units, one barrier a step.
+
+    A thread's da entries (its units, all four gates) need only its own units of dh and dc; its
+    units of dh_{t-1} need all of da_t, hence the barrier between; da_t has its own slot per
+    step, so the next step may start while the other thread still reads da_t.
+    """
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t u_begin, u_end, t, row, step
+    cdef int team
+    cdef fastlstm_barrier barrier
+    fastlstm_barrier_init(&barrier)
+    with parallel(num_threads=n_threads):
+        team = fastlstm_team_size()
+        u_begin = _bound(H, team, threadid(), units)
+        u_end = _bound(H, team, threadid() + 1, units)
+        for t in range(T - 1, -1, -1):
+            for row in range(B):
+                step = t * B + row
+                if floating is float:
+                    fastlstm_backward_cell_f32(gates + step * G, H, _c_prev(c0, c_all, t, row, B, H),
+                                               tanh_c + step * H, dy + step * H, dh + row * H,
+                                               dc + row * H, da + step * G, u_begin, u_end)
+                else:
+                    fastlstm_backward_cell_f64(gates + step * G, H, _c_prev(c0, c_all, t, row, B, H),
+                                               tanh_c + step * H, dy + step * H, dh + row * H,
+                                               dc + row * H, da + step * G, u_begin, u_end)
+            if fastlstm_barrier_wait(&barrier, team):
+                # the cores are busy elsewhere: thread 0 finishes the sequence alone
+                if threadid() != 0:
+                    break
+                team = 1
+                u_begin = 0
+                u_end = H
+            # dh[:, units] = da[t] @ Wh.T[:, units]
+            if floating is float:
+                fastlstm_backward_dh_f32(Wh, H, B, da + t * B * G, dh, u_begin, u_end)
+            else:
+                fastlstm_backward_dh_f64(Wh, H, B, da + t * B * G, dh, u_begin, u_end)
+
+
+cdef void _backward_batch(const floating *Wh, const floating *c0, const floating *gates,
+                          const floating *c_all, const floating *tanh_c, const floating *dy,
+                          floating *da, floating *dh, floating *dc, Py_ssize_t T, Py_ssize_t B,
+                          Py_ssize_t H, int n_threads) noexcept nogil:
+    """BPTT time loop for batches: threads split the batch rows and never synchronise."""
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t row_begin, row_end, t, row, step
+    with parallel(num_threads=n_threads):
+        row_begin = _bound(B, fastlstm_team_size(), threadid(), 1)
+        row_end = _bound(B, fastlstm_team_size(), threadid() + 1, 1)
+        for t in range(T - 1, -1, -1):
+            for row in range(row_begin, row_end):
+                step = t * B + row
+                if floating is float:
+                    fastlstm_backward_cell_f32(gates + step * G, H, _c_prev(c0, c_all, t, row, B, H),
+                                               tanh_c + step * H, dy + step * H, dh + row * H,
+                                               dc + row * H, da + step * G, 0, H)
+                else:
+                    fastlstm_backward_cell_f64(gates + step * G, H, _c_prev(c0, c_all, t, row, B, H),
+                                               tanh_c + step * H, dy + step * H, dh + row * H,
+                                               dc + row * H, da + step * G, 0, H)
+            if row_end > row_begin:
+                # dh[rows] = da[t, rows] @ Wh.T
+                gemm(False, True, row_end - row_begin, H, G, 1, da + (t * B + row_begin) * G, G,
+                     Wh, G, 0, dh + row_begin * H, H)
+
+
+cdef void _weight_gradients(const floating *x, const floating *Wx, const floating *h0,
+                            const floating *y, const floating *da, floating *dx, floating *dWx,
+                            floating *dWh, floating *db, Py_ssize_t T, Py_ssize_t B,
+                            Py_ssize_t D, Py_ssize_t H, int n_threads) noexcept nogil:
+    """dx, dWx, dWh, db from all steps' da at once: dx split by rows, the rest by columns."""
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t rows = T * B
+    cdef Py_ssize_t row_begin, row_end, col_begin, col_end, r, n
+    cdef int team, part
+    with parallel(num_threads=n_threads):
+        team = fastlstm_team_size()
+        part = threadid()
+        row_begin = _bound(rows, team, part, 1)
+        row_end = _bound(rows, team, part + 1, 1)
+        # dx[rows] = da[rows] @ Wx.T
+        gemm(False, True, row_end - row_begin, D, G, 1, da + row_begin * G, G, Wx, G, 0,
+             dx + row_begin * D, D)
+        # 16 columns = one 64-byte line of floats: threads never write the same line
+        col_begin = _bound(G, team, part, 16)
+        col_end = _bound(G, team, part + 1, 16)
+        if col_end > col_begin:
+            # dWx[:, cols] = x.reshape(T*B, D).T @ da[:, cols]
+            gemm(True, False, D, col_end - col_begin, rows, 1, x, D, da + col_begin, G, 0,
+                 dWx + col_begin, G)
+            # dWh[:, cols] = h0.T @ da[0][:, cols] + y[:T-1].reshape(-1, H).T @ da[1:][:, cols]
+            gemm(True, False, H, col_end - col_begin, B, 1, h0, H, da + col_begin, G, 0,
+                 dWh + col_begin, G)
+            if T > 1:
+                gemm(True, False, H, col_end - col_begin, (T - 1) * B, 1, y, H,
+                     da + B * G + col_begin, G, 1, dWh + col_begin, G)
+            # db[cols] = da[:, cols].sum(axis=0)
+            for n in range(col_begin, col_end):
+                db[n] = 0
+            for r in range(rows):
+                for n in range(col_begin, col_end):
+                    db[n] += da[r * G + n]
+
+
+def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+             const floating[:, ::1] Wx, const floating[:, ::1] Wh, const floating[:, ::1] h0,
+             const floating[:, ::1] c0, const floating[:, :, ::1] y,
+             const floating[:, :, ::1] gates, const floating[:, :, ::1] c_all,
+             const floating[:, :, ::1] tanh_c, floating[:, :, ::1] da, floating[:, ::1] dh,
+             floating[:, ::1] dc, floating[:, :, ::1] dx, floating[:, ::1] dWx,
+             floating[:, ::1] dWh, floating[::1] db, bint use_matvec, int n_threads):
+    """LSTM backward pass (BPTT) into preallocated arrays.
+
+    Inputs: dy (T, B, H); from the forward call x, Wx, Wh, h0, c0, y, gates, c_all (T, B, H)
+    and tanh_c (T, B, H). In/out: dh, dc (B, H): dh_T, dc_T on entry, dh0, dc0 on exit.
+    Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D),
+    dWx (D, 4H), dWh (H, 4H), db (4H,). Caller holds BLAS to one thread.
+    """
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = Wh.shape[0]
+    with nogil:
+        if use_matvec:
+            _backward_matvec(&Wh[0, 0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
+                             &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
+                             T, B, H, n_threads)
+        else:
+            _backward_batch(&Wh[0, 0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
+                            &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
+                            T, B, H, n_threads)
+        _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
+                          &dx[0, 0, 0], &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)

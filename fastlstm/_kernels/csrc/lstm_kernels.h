@@ -1,0 +1,248 @@
+/* C helpers of the Cython backend (_lstm_cython.pyx): vectorised LSTM step kernels in a portable
+ * build and, on x86-64, an AVX2+FMA build chosen at run time; a spin barrier; OpenMP queries.
+ *
+ * Every kernel is compiled from lstm_kernels_impl.h once per (float, double) x (portable, avx2).
+ * The Cython code calls the names fastlstm_<kernel>_<f32|f64>, which pick the AVX2 build when
+ * fastlstm_simd_active is set (fastlstm_set_simd: CPU support and the user's wish).
+ */
+#ifndef FASTLSTM_LSTM_KERNELS_H
+#define FASTLSTM_LSTM_KERNELS_H
+
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if !defined(_WIN32)
+#include <sched.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTLSTM_X86_SIMD 1
+#else
+#define FASTLSTM_X86_SIMD 0
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* 32-byte vector types in baseline-ISA functions: every such function is inlined, no ABI crosses. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+/* ---- float ---- */
+#define REAL float
+#define IREAL int32_t
+#define LANES 8
+#define EXP_CLAMP 87.0f
+#define EXP_DEGREE 7
+#define MANT_BITS 23
+#define EXP_BIAS 127
+#define LN2_HI 0.693145751953125   /* ln 2 to 16 bits: n·LN2_HI exact for |n| < 128 */
+#define LN2_LO 1.4286068203094173e-06
+#define ROUND_MAGIC 12582912.0f    /* 1.5·2^23 */
+
+#define KERNEL_ATTR
+#define SUFFIX(name) name##_f32_portable
+#include "lstm_kernels_impl.h"
+#undef KERNEL_ATTR
+#undef SUFFIX
+#if FASTLSTM_X86_SIMD
+#define KERNEL_ATTR __attribute__((target("avx2,fma")))
+#define SUFFIX(name) name##_f32_avx2
+#include "lstm_kernels_impl.h"
+#undef KERNEL_ATTR
+#undef SUFFIX
+#endif
+#undef REAL
+#undef IREAL
+#undef LANES
+#undef EXP_CLAMP
+#undef EXP_DEGREE
+#undef MANT_BITS
+#undef EXP_BIAS
+#undef LN2_HI
+#undef LN2_LO
+#undef ROUND_MAGIC
+
+/* ---- double ---- */
+#define REAL double
+#define IREAL int64_t
+#define LANES 4
+#define EXP_CLAMP 708.0
+#define EXP_DEGREE 11
+#define MANT_BITS 52
+#define EXP_BIAS 1023
+#define LN2_HI 0.6931471803691238  /* ln 2 to 32 bits: n·LN2_HI exact for |n| < 1024 */
+#define LN2_LO 1.9082149292705877e-10
+#define ROUND_MAGIC 6755399441055744.0 /* 1.5·2^52 */
+
+#define KERNEL_ATTR
+#define SUFFIX(name) name##_f64_portable
+#include "lstm_kernels_impl.h"
+#undef KERNEL_ATTR
+#undef SUFFIX
+#if FASTLSTM_X86_SIMD
+#define KERNEL_ATTR __attribute__((target("avx2,fma")))
+#define SUFFIX(name) name##_f64_avx2
+#include "lstm_kernels_impl.h"
+#undef KERNEL_ATTR
+#undef SUFFIX
+#endif
+#undef REAL
+#undef IREAL
+#undef LANES
+#undef EXP_CLAMP
+#undef EXP_DEGREE
+#undef MANT_BITS
+#undef EXP_BIAS
+#undef LN2_HI
+#undef LN2_LO
+#undef ROUND_MAGIC
+
+/* Hidden units per block of the packed recurrent weights (LANES in lstm_kernels_impl.h). */
+#define FASTLSTM_UNITS_F32 8
+#define FASTLSTM_UNITS_F64 4
+
+/* ---- run-time choice of the instruction set ---- */
+static int fastlstm_simd_active = 0;
+
+static int fastlstm_cpu_has_simd(void)
+{
+#if FASTLSTM_X86_SIMD
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* Use the AVX2 kernels if wanted and the CPU has them; returns whether they are now in use. */
+static int fastlstm_set_simd(int wanted)
+{
+    fastlstm_simd_active = wanted && fastlstm_cpu_has_simd();
+    return fastlstm_simd_active;
+}
+
+#if FASTLSTM_X86_SIMD
+#define FASTLSTM_PICK(name, type) (fastlstm_simd_active ? name##_##type##_avx2 : name##_##type##_portable)
+#else
+#define FASTLSTM_PICK(name, type) (name##_##type##_portable)
+#endif
+
+#define fastlstm_sigmoid_array_f32 FASTLSTM_PICK(sigmoid_array, f32)
+#define fastlstm_sigmoid_array_f64 FASTLSTM_PICK(sigmoid_array, f64)
+#define fastlstm_tanh_array_f32 FASTLSTM_PICK(tanh_array, f32)
+#define fastlstm_tanh_array_f64 FASTLSTM_PICK(tanh_array, f64)
+#define fastlstm_cell_update_f32 FASTLSTM_PICK(cell_update, f32)
+#define fastlstm_cell_update_f64 FASTLSTM_PICK(cell_update, f64)
+#define fastlstm_forward_step_f32 FASTLSTM_PICK(forward_step, f32)
+#define fastlstm_forward_step_f64 FASTLSTM_PICK(forward_step, f64)
+#define fastlstm_backward_cell_f32 FASTLSTM_PICK(backward_cell, f32)
+#define fastlstm_backward_cell_f64 FASTLSTM_PICK(backward_cell, f64)
+#define fastlstm_backward_dh_f32 FASTLSTM_PICK(backward_dh, f32)
+#define fastlstm_backward_dh_f64 FASTLSTM_PICK(backward_dh, f64)
+
+/* ---- threads ---- */
+static int fastlstm_team_size(void)
+{
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* A barrier for the threads of one parallel region, waited at every time step. Spinning costs
+ * 0.05-0.1 µs per step on 2 threads against 0.3-0.5 µs for `omp barrier` (DESIGN.md §6). But the
+ * cores are shared: when the partner thread is descheduled, spinning (or sched_yield) holds the
+ * core it may need and a 100-step call took 28 ms instead of 0.3 ms. So a waiter spins for
+ * FASTLSTM_SPINS_BEFORE_SLEEP polls (a few µs, longer than a step) and then sleeps on a futex;
+ * the last thread to arrive wakes the sleepers. Even so, lockstep threads on busy cores pay a
+ * wake-up per step (measured 28 ms for S2 against 1.9 ms on one thread), so a wait that had to
+ * sleep marks the barrier contended, and the next release tells every thread to go on alone
+ * (fastlstm_barrier_wait returns 1 to all of them at the same step; thread 0 then takes over
+ * all the work and the others leave the loop). */
+#define FASTLSTM_SPINS_BEFORE_SLEEP 4000
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <limits.h>
+static void fastlstm_sleep_while_equal(int *address, int value)
+{
+    syscall(SYS_futex, address, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+static void fastlstm_wake_all(int *address)
+{
+    syscall(SYS_futex, address, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+#else
+static void fastlstm_sleep_while_equal(int *address, int value)
+{
+    (void)address;
+    (void)value;
+#if !defined(_WIN32)
+    sched_yield();
+#endif
+}
+static void fastlstm_wake_all(int *address) { (void)address; }
+#endif
+
+typedef struct {
+    int arrived;
+    int generation;
+    int sleepers;
+    int contended; /* set by a waiter that had to sleep */
+    int solo;      /* the decision published with the last release: 1 = go on alone */
+} fastlstm_barrier;
+
+static void fastlstm_barrier_init(fastlstm_barrier *barrier)
+{
+    barrier->arrived = 0;
+    barrier->generation = 0;
+    barrier->sleepers = 0;
+    barrier->contended = 0;
+    barrier->solo = 0;
+}
+
+static inline void fastlstm_cpu_relax(void)
+{
+#if FASTLSTM_X86_SIMD
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Wait for all `team` threads; returns 1 (to every thread alike) when the team should stop
+ * working in lockstep, see above. */
+static int fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
+{
+    if (team <= 1)
+        return 0;
+    int generation = __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&barrier->arrived, 1, __ATOMIC_ACQ_REL) == team) {
+        __atomic_store_n(&barrier->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&barrier->solo, __atomic_load_n(&barrier->contended, __ATOMIC_SEQ_CST),
+                         __ATOMIC_RELAXED);
+        /* sequentially consistent with the sleepers' increment and re-check below: either a
+         * sleeper sees the new generation before sleeping, or this sees the sleeper */
+        __atomic_store_n(&barrier->generation, generation + 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&barrier->sleepers, __ATOMIC_SEQ_CST) > 0)
+            fastlstm_wake_all(&barrier->generation);
+        return __atomic_load_n(&barrier->solo, __ATOMIC_RELAXED);
+    }
+    for (int spins = 0; __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE) == generation;) {
+        if (spins < FASTLSTM_SPINS_BEFORE_SLEEP) {
+            spins++;
+            fastlstm_cpu_relax();
+            continue;
+        }
+        __atomic_store_n(&barrier->contended, 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&barrier->generation, __ATOMIC_SEQ_CST) == generation)
+            fastlstm_sleep_while_equal(&barrier->generation, generation);
+        __atomic_sub_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
+    }
+    return __atomic_load_n(&barrier->solo, __ATOMIC_RELAXED);
+}
+
+#endif /* FASTLSTM_LSTM_KERNELS_H */

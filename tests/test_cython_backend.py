@@ -1,0 +1,230 @@
+"""Checks specific to the Cython backend: its portable (non-SIMD) kernels, the activations, the
+packing of the recurrent weights, the row-major BLAS helper and the floating-point state.
+
+The backend-parametrized suite (test_backends.py) runs the default (SIMD where the CPU has it)
+kernels; here the portable build runs through the same comparison with the reference.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastlstm
+from lstm_data import as_float64, make_problem, make_upstream
+
+if "cython" not in fastlstm.available_backends():
+    pytest.skip("the cython backend is not built here", allow_module_level=True)
+
+from fastlstm._kernels import _blas, _lstm_cython, cython_backend  # noqa: E402
+
+DTYPES = [np.float32, np.float64]
+TOLERANCE = {np.float64: (1e-10, 1e-10), np.float32: (1e-5, 1e-4)}  # DESIGN.md §3
+#: Largest abs error of the kernels' sigmoid and tanh against float64 NumPy on the same input.
+ACTIVATION_TOLERANCE = {np.float32: 2.5e-7, np.float64: 1e-14}
+
+
+@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+def simd(request):
+    """Run under the AVX2 kernels (skipped where the CPU lacks them) and the portable ones."""
+    if request.param and not _lstm_cython.cpu_has_simd():
+        pytest.skip("this CPU has no AVX2+FMA")
+    before = _lstm_cython.simd_active()
+    _lstm_cython._set_simd(request.param)
+    try:
+        yield request.param
+    finally:
+        _lstm_cython._set_simd(before)
+
+
+@pytest.fixture(params=[1, 2])
+def n_threads(request):
+    before = fastlstm.get_num_threads()
+    fastlstm.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        fastlstm.set_num_threads(before)
+
+
+@pytest.fixture(params=[0, 1000], ids=["loop-gemm", "loop-matvec"])
+def matvec_max_batch(request, monkeypatch):
+    """Both kinds of time loop, whatever the batch size of the problem."""
+    monkeypatch.setattr(cython_backend, "MATVEC_MAX_BATCH", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 1, 1), (6, 1, 7, 13), (5, 3, 1, 17), (4, 2, 9, 1), (7, 5, 16, 33), (12, 1, 64, 128),
+     (300, 2, 4, 6), (3, 5, 7, 200)],
+    ids=lambda s: "T{}B{}D{}H{}".format(*s),
+)
+def test_kernels_match_reference(shape, dtype, simd, n_threads, matvec_max_batch):
+    """Forward outputs and every gradient of both kernel builds against the float64 reference."""
+    args = make_problem(*shape, dtype=dtype)
+    dy, dh_T, dc_T = make_upstream(shape[0], shape[1], shape[3], dtype=dtype)
+    y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="cython", return_cache=True)
+    grads = fastlstm.lstm_backward(dy, cache, dh_T, dc_T)
+    ref_y, ref_h, ref_c, ref_cache = fastlstm.lstm_forward(
+        **as_float64(args), backend="numpy", return_cache=True
+    )
+    cast = lambda a: a.astype(np.float64)  # noqa: E731
+    ref_grads = fastlstm.lstm_backward(cast(dy), ref_cache, cast(dh_T), cast(dc_T))
+    forward_tol, grad_tol = TOLERANCE[dtype]
+    for got, want in zip((y, h_T, c_T), (ref_y, ref_h, ref_c)):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=0, atol=forward_tol)
+    for name, got, want in zip(grads._fields, grads, ref_grads):
+        scale = max(np.abs(want).max(), 1e-30)
+        assert np.abs(got - want).max() / scale <= grad_tol, name
+    # without a cache the forward call takes its no-history path
+    for got, want in zip(fastlstm.lstm_forward(**args, backend="cython"), (y, h_T, c_T)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=forward_tol)
+
+
+def activation_inputs():
+    dense = np.linspace(-50, 50, 100_001)
+    near_zero = np.linspace(-1e-3, 1e-3, 2_001)
+    special = [0.0, -0.0, 1e4, -1e4, 88, -88, 90, -90, 800, -800, 5e-324, np.inf, -np.inf]
+    return np.concatenate([dense, near_zero, special])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_error_bounds(dtype, simd):
+    x = activation_inputs().astype(dtype)
+    exact = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        expected = {"sigmoid": 1 / (1 + np.exp(-exact)), "tanh": np.tanh(exact)}
+    for name, function in (("sigmoid", _lstm_cython.sigmoid), ("tanh", _lstm_cython.tanh)):
+        out = np.empty_like(x)
+        function(x, out)
+        assert np.abs(out - expected[name]).max() <= ACTIVATION_TOLERANCE[dtype], name
+    saturating = np.array([np.inf, -np.inf, 1e4, -1e4], dtype)
+    out = np.empty_like(saturating)
+    _lstm_cython.sigmoid(saturating, out)
+    assert out.tolist() == [1, 0, 1, 0]
+    _lstm_cython.tanh(saturating, out)
+    assert out.tolist() == [1, -1, 1, -1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activations_propagate_nan(dtype, simd):
+    # NaN in every lane position of a vector and in the scalar tail
+    x = np.zeros(19, dtype)
+    x[[0, 5, 11, 18]] = np.nan
+    for function in (_lstm_cython.sigmoid, _lstm_cython.tanh):
+        out = np.empty_like(x)
+        function(x, out)
+        assert np.array_equal(np.isnan(out), np.isnan(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_inputs_propagate(dtype, simd):
+    args = make_problem(4, 2, 3, 9, dtype=dtype)
+    args["x"][1, 0, 2] = np.nan
+    args["x"][2, 1, 0] = np.inf
+    y, h_T, c_T = fastlstm.lstm_forward(**args, backend="cython")
+    ref_y, _, _ = fastlstm.lstm_forward(**as_float64(args), backend="numpy")
+    assert np.array_equal(np.isnan(y), np.isnan(ref_y))
+    finite = np.isfinite(ref_y)
+    np.testing.assert_allclose(y[finite], ref_y[finite], rtol=0, atol=TOLERANCE[dtype][0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [1, 3, 8, 13, 16, 37])
+def test_pack_layout(H, dtype):
+    """packed[blk, k, q, j] = Wh[k, q*H + blk*U + j], zero past H (U units per block)."""
+    rng = np.random.default_rng(H)
+    Wh = rng.standard_normal((H, 4 * H)).astype(dtype)
+    units = _lstm_cython.units_per_block(np.dtype(dtype).itemsize)
+    n_blocks = -(-H // units)
+    padded = np.zeros((H, 4, n_blocks * units), dtype)
+    padded[:, :, :H] = Wh.reshape(H, 4, H)
+    expected = padded.reshape(H, 4, n_blocks, units).transpose(2, 0, 1, 3).ravel()
+    packed = cython_backend.pack(Wh)
+    assert packed.packed.dtype == dtype
+    np.testing.assert_array_equal(packed.packed, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_with_prepacked_weights(dtype):
+    args = make_problem(5, 3, 4, 21, dtype=dtype)
+    x, Wx, Wh, b, h0, c0 = (args[k] for k in ("x", "Wx", "Wh", "b", "h0", "c0"))
+    packed = cython_backend.pack(Wh)
+    with_packed = cython_backend.forward(
+        x, Wx, Wh, b, h0, c0, need_cache=False, n_threads=2, packed=packed
+    )
+    without = cython_backend.forward(x, Wx, Wh, b, h0, c0, need_cache=False, n_threads=2)
+    for got, want in zip(with_packed[:3], without[:3]):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_blas_gemm_matches_numpy(trans_a, trans_b, dtype):
+    rng = np.random.default_rng(0)
+    m, n, k = 7, 5, 3
+    A = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    B = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    C = rng.standard_normal((m, n)).astype(dtype)
+    expected = 0.5 * ((A.T if trans_a else A) @ (B.T if trans_b else B)) + 2.0 * C
+    _blas._check_gemm(trans_a, trans_b, 0.5, A, B, 2.0, C)
+    np.testing.assert_allclose(C, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+DENORMAL_CHECK = """
+import numpy as np
+import fastlstm
+assert np.float32(1e-45) * np.float32(1.0) != 0, "float32 denormal flushed at import"
+assert np.float64(5e-324) * 1.0 != 0, "float64 denormal flushed at import"
+rng = np.random.default_rng(0)
+for dtype in (np.float32, np.float64):
+    x = rng.standard_normal((3, 2, 4)).astype(dtype)
+    Wx = rng.standard_normal((4, 20)).astype(dtype)
+    Wh = rng.standard_normal((5, 20)).astype(dtype)
+    b = np.zeros(20, dtype)
+    y, h, c, cache = fastlstm.lstm_forward(x, Wx, Wh, b, backend="cython", return_cache=True)
+    fastlstm.lstm_backward(np.ones_like(y), cache)
+assert np.float32(1e-45) * np.float32(1.0) != 0, "float32 denormal flushed by a call"
+assert np.float64(5e-324) * 1.0 != 0, "float64 denormal flushed by a call"
+print("ok")
+"""
+
+
+def test_floating_point_state_survives_import_and_calls():
+    """No flush-to-zero or denormals-are-zero after import fastlstm and after cython calls
+    (DESIGN.md §6: a -ffast-math link flushes denormals for the whole process)."""
+    result = subprocess.run(
+        [sys.executable, "-c", DENORMAL_CHECK], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_denormal_inputs_stay_denormal_in_process():
+    tiny = np.full((2, 1, 1), 1e-45, np.float32)
+    Wx = np.ones((1, 4), np.float32)
+    Wh = np.zeros((1, 4), np.float32)
+    fastlstm.lstm_forward(tiny, Wx, Wh, np.zeros(4, np.float32), backend="cython")
+    assert np.float32(1e-45) * np.float32(1.0) != 0
+
+
+def test_environment_variable_disables_simd():
+    code = "from fastlstm._kernels import _lstm_cython as k; print(k.simd_active())"
+    env = dict(os.environ, FASTLSTM_DISABLE_SIMD="1")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_simd_default_follows_cpu():
+    if os.environ.get("FASTLSTM_DISABLE_SIMD", "0") not in ("", "0"):
+        pytest.skip("FASTLSTM_DISABLE_SIMD is set")
+    assert _lstm_cython.simd_active() == _lstm_cython.cpu_has_simd()
