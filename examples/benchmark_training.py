@@ -86,7 +86,8 @@ def _torch_gates(array):
 
 
 def time_steps(steps, repeats, warmup=3):
-    """Median seconds per call of each callable in ``steps`` (name -> step), interleaved."""
+    """Seconds per call of each callable in ``steps`` (name -> step), called interleaved:
+    name -> (median, minimum)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -96,7 +97,7 @@ def time_steps(steps, repeats, warmup=3):
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: (float(np.median(t)), float(np.min(t))) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -130,12 +131,16 @@ def main(argv=None):
     T, B, D, H = args.shape
     print(
         f"training step (forward + backward + Adam), {args.layers}-layer LSTM, T={T} B={B} "
-        f"D={D} H={H} float32, {args.threads} thread(s), median of {args.repeats}"
+        f"D={D} H={H} float32, {args.threads} thread(s), {args.repeats} interleaved repeats"
     )
-    for name, seconds in medians.items():
-        line = f"  {name:18s} {1000 * seconds:9.2f} ms"
+    print(f"  {'':18s} {'median':>9s}    {'min':>9s}")
+    for name, (median, best) in medians.items():
+        line = f"  {name:18s} {1000 * median:9.2f} ms {1000 * best:9.2f} ms"
         if "torch" in medians and name != "torch":
-            line += f"   {medians['torch'] / seconds:5.2f}x torch"
+            torch_median, torch_best = medians["torch"]
+            line += (
+                f"   {torch_median / median:5.2f}x torch (median), {torch_best / best:5.2f}x (min)"
+            )
         print(line)
 
 

@@ -133,7 +133,7 @@ def run(
     dropout=0.0,
     batch=32,
     chunk=64,
-    lr=3e-3,
+    lr=1e-2,
     seed=0,
     max_norm=5.0,
     progress=None,
@@ -189,7 +189,7 @@ def main(argv=None):
     parser.add_argument("--dropout", type=float, default=0.0, help="between layers (default 0)")
     parser.add_argument("--batch", type=int, default=32, help="parallel streams (default 32)")
     parser.add_argument("--chunk", type=int, default=64, help="TBPTT chunk length (default 64)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample", type=int, default=400, help="characters to sample")
     parser.add_argument("--threads", type=int, default=None, help="fastlstm.set_num_threads")
