@@ -93,8 +93,10 @@ class Vocabulary:
 class CharModel:
     """One-hot characters -> stacked LSTM -> linear layer -> logits of the next character."""
 
-    def __init__(self, vocab_size, hidden_size, num_layers, dropout, seed):
-        self.lstm = fastlstm.LSTM(vocab_size, hidden_size, num_layers, dropout=dropout, seed=seed)
+    def __init__(self, vocab_size, hidden_size, num_layers, dropout, seed, backend=None):
+        self.lstm = fastlstm.LSTM(
+            vocab_size, hidden_size, num_layers, dropout=dropout, seed=seed, backend=backend
+        )
         self.head = train.Linear(hidden_size, vocab_size, seed=seed + 1)
 
     def parameters(self):
@@ -136,11 +138,12 @@ def run(
     lr=1e-2,
     seed=0,
     max_norm=5.0,
+    backend=None,
     progress=None,
 ):
     """Train for ``steps`` chunks; returns (model, vocabulary, losses in nats per character)."""
     vocabulary = Vocabulary(text)
-    model = CharModel(len(vocabulary), hidden_size, num_layers, dropout, seed)
+    model = CharModel(len(vocabulary), hidden_size, num_layers, dropout, seed, backend)
     optimizer = train.Adam(model.parameters(), lr=lr)
     inputs, targets = streams(vocabulary.encode(text), batch)
     x = vocabulary.one_hot(inputs)
@@ -180,6 +183,11 @@ def plot(path, losses, title):
     plt.close(fig)
 
 
+def backend_summary(backend):
+    chosen = backend or "fastest per call of " + ", ".join(fastlstm.available_backends())
+    return f"{chosen}, {fastlstm.get_num_threads()} thread(s)"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", choices=("docs", "zen"), default="docs")
@@ -193,6 +201,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample", type=int, default=400, help="characters to sample")
     parser.add_argument("--threads", type=int, default=None, help="fastlstm.set_num_threads")
+    parser.add_argument(
+        "--backend", default=None, choices=fastlstm.available_backends(), help="default: fastest"
+    )
     parser.add_argument("--plot", default="char_lm.png", help="PNG to write")
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -220,24 +231,26 @@ def main(argv=None):
         args.chunk,
         args.lr,
         args.seed,
+        backend=args.backend,
         progress=progress,
     )
     seconds = time.perf_counter() - start
     bar.close()
     after = model.sample(vocabulary, args.sample, seed=args.seed)
-    characters = args.steps * args.batch * args.chunk
+    chunks_per_pass = -(-((len(text) - 1) // args.batch) // args.chunk)  # ceil
     plot(args.plot, losses, f"char LM on {len(text)} characters ({args.corpus})")
     print(f"\n--- sample before training ---\n{before}\n")
     print(f"--- sample after training ---\n{after}\n")
     print(f"corpus         {args.corpus}: {len(text)} characters, {len(vocabulary)} symbols")
     print(
         f"model          LSTM({len(vocabulary)}, {args.hidden}, {args.layers} layers) + "
-        f"Linear({args.hidden}, {len(vocabulary)}), backend {fastlstm.available_backends()[-1]}"
+        f"Linear({args.hidden}, {len(vocabulary)})"
     )
+    print(f"backend        {backend_summary(args.backend)}")
     print(
         f"training       {args.steps} chunks of {args.batch}x{args.chunk} in {seconds:.1f} s "
         f"({1000 * seconds / max(args.steps, 1):.1f} ms/chunk, "
-        f"{characters / len(text):.1f} passes over the text)"
+        f"{args.steps / chunks_per_pass:.1f} passes over the text)"
     )
     print(
         f"loss           first {losses[0]:.3f}, mean of last 50 {np.mean(losses[-50:]):.3f} "

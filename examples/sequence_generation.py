@@ -35,8 +35,8 @@ def sine_batch(rng, batch, length):
 class SequenceModel:
     """An LSTM reading one value per step and a linear head predicting the next value."""
 
-    def __init__(self, hidden_size, num_layers, seed):
-        self.lstm = fastlstm.LSTM(1, hidden_size, num_layers, seed=seed)
+    def __init__(self, hidden_size, num_layers, seed, backend=None):
+        self.lstm = fastlstm.LSTM(1, hidden_size, num_layers, seed=seed, backend=backend)
         self.head = train.Linear(hidden_size, 1, seed=seed + 1)
 
     def parameters(self):
@@ -74,11 +74,12 @@ def run(
     lr=0.01,
     seed=0,
     max_norm=1.0,
+    backend=None,
     progress=None,
 ):
     """Train from ``seed``; returns (model, losses). ``progress(step, loss)`` is called per step."""
     rng = np.random.default_rng(seed)
-    model = SequenceModel(hidden_size, num_layers, seed)
+    model = SequenceModel(hidden_size, num_layers, seed, backend)
     optimizer = train.Adam(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
@@ -121,6 +122,11 @@ def plot(path, losses, noisy, waves, generated, prime):
     plt.close(fig)
 
 
+def backend_summary(backend):
+    chosen = backend or "fastest per call of " + ", ".join(fastlstm.available_backends())
+    return f"{chosen}, {fastlstm.get_num_threads()} thread(s)"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
@@ -131,6 +137,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="fastlstm.set_num_threads")
+    parser.add_argument(
+        "--backend", default=None, choices=fastlstm.available_backends(), help="default: fastest"
+    )
     parser.add_argument("--plot", default="sequence_generation.png", help="PNG to write")
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -153,6 +162,7 @@ def main(argv=None):
         args.length,
         args.lr,
         args.seed,
+        backend=args.backend,
         progress=progress,
     )
     seconds = time.perf_counter() - start
@@ -160,7 +170,7 @@ def main(argv=None):
     prime = 48
     rmse, noisy, waves, generated = free_running_error(model, args.seed, prime)
     plot(args.plot, losses, noisy, waves, generated, prime)
-    print(f"\nbackend        {fastlstm.available_backends()[-1]} (best available)")
+    print(f"\nbackend        {backend_summary(args.backend)}")
     print(
         f"model          LSTM(1, {args.hidden}, {args.layers} layer(s)) + Linear({args.hidden}, 1)"
     )
