@@ -1,9 +1,12 @@
-"""`LSTM`: a layer object that holds weights, shaped like ``torch.nn.LSTM``, for inference.
+"""`LSTM`: a layer object that holds weights, shaped like ``torch.nn.LSTM``, for inference
+and training.
 
 Every layer and direction runs through `fastlstm.lstm_forward` with the layer's backend, so
 the layer is exactly as fast and as exact as the kernels. Variable lengths run the time loop
 in segments over the shrinking set of sequences still running (`_BatchPlan`): no wasted steps,
-no kernel change. Streaming steps go through a `fastlstm._step.StepKernel`.
+no kernel change. Training (`LSTM.forward_train`, `LSTM.backward`) keeps each segment's
+`LSTMCache` and runs `fastlstm.lstm_backward` over the same segments in reverse. Streaming
+steps go through a `fastlstm._step.StepKernel`.
 """
 
 import operator
@@ -13,6 +16,7 @@ import threading
 import numpy as np
 
 from . import _api, _backends, _interop, _persist, _step
+from .train import Gradients
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -82,22 +86,30 @@ def _cell_reader(name):
     return getattr(sys.modules.get(_backends.BACKEND_MODULES[name]), "cells_from_cache", None)
 
 
-def _forward(x, weights, h0, c0, backend, need_cells):
-    """One direction of one layer over a time-major batch: ``lstm_forward`` plus, if asked, c_t.
+def _forward(x, weights, h0, c0, backend, need_cells, need_cache=False):
+    """One direction of one layer over a time-major batch: ``lstm_forward`` plus, if asked, c_t
+    and the `LSTMCache` that ``lstm_backward`` needs.
 
-    Returns y (T, B, H), h_T, c_T (B, H) and cells (T, B, H) or None.
+    Returns y (T, B, H), h_T, c_T (B, H), cells (T, B, H) or None, and the cache or None.
     """
     Wx, Wh, b = weights
-    if not need_cells:
+    if not (need_cells or need_cache):
         y, h_T, c_T = _api.lstm_forward(x, Wx, Wh, b, h0, c0, backend=backend)
-        return y, h_T, c_T, None
-    shape = (x.shape[0], x.shape[1], Wx.shape[0], Wh.shape[0])
-    chosen = _api._resolve_backend(backend, shape).name
-    if _cell_reader(chosen) is None:
-        # This backend cannot expose its cells yet; the reference computes the same numbers.
-        chosen = "numpy"
+        return y, h_T, c_T, None, None
+    chosen = backend
+    if need_cells:
+        shape = (x.shape[0], x.shape[1], Wx.shape[0], Wh.shape[0])
+        chosen = _api._resolve_backend(backend, shape).name
+        if _cell_reader(chosen) is None:
+            # This backend cannot expose its cells yet; the reference computes the same numbers.
+            chosen = "numpy"
     y, h_T, c_T, cache = _api.lstm_forward(x, Wx, Wh, b, h0, c0, backend=chosen, return_cache=True)
-    return y, h_T, c_T, _cell_reader(chosen)(cache._data, c_T)
+    cells = _cell_reader(cache.backend)(cache._data, c_T) if need_cells else None
+    return y, h_T, c_T, cells, cache
+
+
+def _zero_grads(weights):
+    return tuple(np.zeros_like(w) for w in weights)
 
 
 class _BatchPlan:
@@ -129,50 +141,139 @@ class _BatchPlan:
         self.reverse_time = np.where(steps < lengths, lengths - 1 - steps, steps)
         self.batch_cols = np.arange(B)[np.newaxis, :]
 
-    def run(self, x, weights, h0, c0, backend, need_cells, reverse):
-        """One direction over x (T, B, D); zeros past each length."""
+    def run(self, x, weights, h0, c0, backend, need_cells, reverse, need_caches=False):
+        """One direction over x (T, B, D); zeros past each length.
+
+        Returns y, h_T, c_T, cells (or None) and, with ``need_caches``, one `LSTMCache` per
+        segment (else None), for `backward`.
+        """
         if reverse:
             x = x[self.reverse_time, self.batch_cols]
         T, B, _ = x.shape
         H = weights[1].shape[0]
         y = np.zeros((T, B, H), x.dtype)
         cells = np.zeros((T, B, H), x.dtype) if need_cells else None
+        caches = [] if need_caches else None
         h = np.zeros((B, H), x.dtype) if h0 is None else h0.copy()
         c = np.zeros((B, H), x.dtype) if c0 is None else c0.copy()
         for t0, t1, running in self.segments:
             if running is None:
-                y[t0:t1], h, c, cells_seg = _forward(x[t0:t1], weights, h, c, backend, need_cells)
+                y[t0:t1], h, c, cells_seg, cache = _forward(
+                    x[t0:t1], weights, h, c, backend, need_cells, need_caches
+                )
                 if need_cells:
                     cells[t0:t1] = cells_seg
-                continue
-            y_seg, h[running], c[running], cells_seg = _forward(
-                x[t0:t1, running], weights, h[running], c[running], backend, need_cells
-            )
-            y[t0:t1, running] = y_seg
-            if need_cells:
-                cells[t0:t1, running] = cells_seg
+            else:
+                y_seg, h[running], c[running], cells_seg, cache = _forward(
+                    x[t0:t1, running],
+                    weights,
+                    h[running],
+                    c[running],
+                    backend,
+                    need_cells,
+                    need_caches,
+                )
+                y[t0:t1, running] = y_seg
+                if need_cells:
+                    cells[t0:t1, running] = cells_seg
+            if need_caches:
+                caches.append(cache)
         if reverse:
             y = y[self.reverse_time, self.batch_cols]
             if need_cells:
                 cells = cells[self.reverse_time, self.batch_cols]
-        return y, h, c, cells
+        return y, h, c, cells, caches
+
+    def backward(self, dy, caches, dh_T, dc_T, weights, reverse):
+        """Gradients of one direction run by `run`: the segments in reverse order.
+
+        dy (T, B, H) past each length is ignored (those outputs are constant zeros). A sequence
+        outside a segment's running subset keeps its state gradient until the segment where it
+        ran its last step. Returns dx (T, B, D), zero past each length, dh0, dc0 (B, H), dWx,
+        dWh, db.
+        """
+        if reverse:
+            dy = dy[self.reverse_time, self.batch_cols]
+        T, B, _ = dy.shape
+        dx = np.zeros((T, B, weights[0].shape[0]), dy.dtype)
+        dh, dc = dh_T.copy(), dc_T.copy()
+        dWx, dWh, db = _zero_grads(weights)
+        for (t0, t1, running), cache in zip(reversed(self.segments), reversed(caches)):
+            if running is None:
+                grads = _api.lstm_backward(dy[t0:t1], cache, dh, dc)
+                dx[t0:t1], dh, dc = grads.dx, grads.dh0, grads.dc0
+            else:
+                grads = _api.lstm_backward(dy[t0:t1, running], cache, dh[running], dc[running])
+                dx[t0:t1, running] = grads.dx
+                dh[running], dc[running] = grads.dh0, grads.dc0
+            dWx += grads.dWx
+            dWh += grads.dWh
+            db += grads.db
+        if reverse:
+            # reverse_time is its own inverse: it swaps steps t and length-1-t.
+            dx = dx[self.reverse_time, self.batch_cols]
+        return dx, dh, dc, dWx, dWh, db
 
 
 class _FullPlan:
     """Every sequence runs all T steps: one `lstm_forward` call per direction."""
 
-    def run(self, x, weights, h0, c0, backend, need_cells, reverse):
+    def run(self, x, weights, h0, c0, backend, need_cells, reverse, need_caches=False):
         if reverse:
             x = x[::-1]
-        y, h_T, c_T, cells = _forward(x, weights, h0, c0, backend, need_cells)
+        y, h_T, c_T, cells, cache = _forward(x, weights, h0, c0, backend, need_cells, need_caches)
         if reverse:
             y = y[::-1]
             cells = None if cells is None else cells[::-1]
-        return y, h_T, c_T, cells
+        return y, h_T, c_T, cells, [cache] if need_caches else None
+
+    def backward(self, dy, caches, dh_T, dc_T, weights, reverse):
+        if reverse:
+            dy = dy[::-1]
+        dx, dh0, dc0, dWx, dWh, db = _api.lstm_backward(dy, caches[0], dh_T, dc_T)
+        return dx[::-1] if reverse else dx, dh0, dc0, dWx, dWh, db
 
 
 def _from_weights(cls, weights, config):
     return cls.from_weights(weights, **config)
+
+
+def _check_dropout(dropout):
+    try:
+        dropout = float(dropout)
+    except (TypeError, ValueError):
+        raise TypeError(f"dropout must be a float in [0, 1), got {dropout!r}") from None
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    return dropout
+
+
+def _read_only_view(array):
+    view = array.view()
+    view.setflags(write=False)
+    return view
+
+
+class TrainCache:
+    """What `LSTM.backward` needs from `LSTM.forward_train`; opaque to users.
+
+    It keeps references to the forward call's arrays (the input, the layer's weights): changing
+    them before the backward call changes the gradients, so update the parameters after
+    `LSTM.backward`. One cache may serve several backward calls.
+    """
+
+    __slots__ = ("_layer", "_plan", "_caches", "_masks", "_batch_shape")
+
+    def __init__(self, layer, plan, caches, masks, batch_shape):
+        self._layer = layer
+        self._plan = plan
+        self._caches = caches  # per layer and direction k: the plan's segment caches
+        self._masks = masks  # per layer l < num_layers-1: scaled dropout mask of its output
+        self._batch_shape = batch_shape  # (T, B)
+
+    def __repr__(self):
+        T, B = self._batch_shape
+        return f"TrainCache(T={T}, B={B}, dropout={self._masks is not None})"
 
 
 class LSTMState:
@@ -189,10 +290,12 @@ class LSTMState:
         Copies of the current hidden and cell states.
     """
 
-    __slots__ = ("_layer", "_buffers", "batch_size")
+    __slots__ = ("_layer", "_kernel", "_prepared", "_buffers", "batch_size")
 
-    def __init__(self, layer, buffers, batch_size):
+    def __init__(self, layer, kernel, prepared, buffers, batch_size):
         self._layer = layer
+        self._kernel = kernel
+        self._prepared = prepared  # per layer: the step kernel's copy of the weights
         self._buffers = buffers
         self.batch_size = batch_size
 
@@ -234,16 +337,22 @@ class LSTM:
         Initial bias of the forget gate. The other weights and biases start uniform in
         ±1/√H, as torch initialises them.
     seed : int, numpy.random.Generator or None
-        Seeds the initial weights.
+        Seeds the initial weights, then the dropout masks of `forward_train`.
     backend : {None, "numpy", "numba", "cython"}
         Passed to `fastlstm.lstm_forward`; None picks the fastest per call.
+    dropout : float in [0, 1)
+        Probability of zeroing each output of every layer but the last in `forward_train` (the
+        others are scaled by 1/(1 - dropout)), as ``torch.nn.LSTM``'s dropout; no effect with
+        one layer. Inference (calling the layer, `step`) never drops.
 
     Notes
     -----
     Weights are kept per layer and direction, index ``k = layer·num_directions + direction``
     (direction 1 is reverse), as ``(Wx (D_l, 4H), Wh (H, 4H), b (4H,))`` with gate blocks
     i, f, o, g; D_0 = input_size, D_l = num_directions·H after. The arrays are read-only, which
-    lets one layer object serve many threads at once.
+    lets one layer object serve many threads at once, until `parameters` hands them out for
+    training: from then on they are writeable, and whoever updates them must make sure no other
+    thread runs the layer meanwhile.
     """
 
     def __init__(
@@ -259,6 +368,7 @@ class LSTM:
         forget_bias=1.0,
         seed=None,
         backend=None,
+        dropout=0.0,
     ):
         input_size = _check_positive_int("input_size", input_size)
         H = _check_positive_int("hidden_size", hidden_size)
@@ -276,13 +386,22 @@ class LSTM:
                 b = rng.uniform(-bound, bound, 4 * H)
                 b[H : 2 * H] = forget_bias
                 weights.append((Wx.astype(dtype), Wh.astype(dtype), b.astype(dtype)))
-        self._configure(weights, bidirectional, reverse, batch_first, backend)
+        self._configure(weights, bidirectional, reverse, batch_first, backend, dropout)
+        # The dropout masks continue the weights' random stream: one seed reproduces both.
+        self._rng = rng
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_weights(
-        cls, weights, *, bidirectional=False, reverse=False, batch_first=False, backend=None
+        cls,
+        weights,
+        *,
+        bidirectional=False,
+        reverse=False,
+        batch_first=False,
+        backend=None,
+        dropout=0.0,
     ):
         """Build a layer from weights already in fastlstm's layout.
 
@@ -292,18 +411,20 @@ class LSTM:
             One triple per layer and direction, index ``layer·num_directions + direction``:
             Wx (D_l, 4H), Wh (H, 4H), b (4H,), gates i, f, o, g, one float dtype for all.
             They are copied.
-        bidirectional, reverse, batch_first, backend
-            As for `LSTM`.
+        bidirectional, reverse, batch_first, backend, dropout
+            As for `LSTM`. Dropout masks come from an unseeded generator; pass ``rng`` to
+            `forward_train` to reproduce them.
 
         Returns
         -------
         LSTM
         """
         layer = cls.__new__(cls)
-        layer._configure(weights, bidirectional, reverse, batch_first, backend)
+        layer._configure(weights, bidirectional, reverse, batch_first, backend, dropout)
+        layer._rng = np.random.default_rng()
         return layer
 
-    def _configure(self, weights, bidirectional, reverse, batch_first, backend):
+    def _configure(self, weights, bidirectional, reverse, batch_first, backend, dropout=0.0):
         if bidirectional and reverse:
             raise ValueError("reverse=True runs one direction; it cannot be bidirectional")
         num_directions = 2 if bidirectional else 1
@@ -347,8 +468,12 @@ class LSTM:
         self._batch_first = bool(batch_first)
         self._dtype = dtype
         self._backend = _check_backend_name(backend)
+        self.dropout = dropout
         self._step_lock = threading.Lock()
         self._step_weights = None
+        self._weights_exposed = False  # set once parameters() has made the weights writeable
+        names = [member[: -len(".npy")] for member in _persist._weight_members(self._config())]
+        self._parameter_names = tuple(zip(names[0::3], names[1::3], names[2::3]))
 
     # ------------------------------------------------------------------ properties
 
@@ -363,12 +488,53 @@ class LSTM:
     backend = property(lambda self: self._backend, doc="Backend name passed to lstm_forward.")
 
     @property
-    def weights(self):
-        """Read-only weights: tuple of (Wx (D_l, 4H), Wh (H, 4H), b (4H,)), gates i, f, o, g.
+    def dropout(self):
+        """Dropout probability between layers in `forward_train`; settable, in [0, 1)."""
+        return self._dropout
 
-        Index ``layer·num_directions + direction``, as for ``h_n``.
+    @dropout.setter
+    def dropout(self, value):
+        self._dropout = _check_dropout(value)
+
+    @property
+    def weights(self):
+        """Read-only views of the weights: tuple of (Wx (D_l, 4H), Wh (H, 4H), b (4H,)), gates
+        i, f, o, g.
+
+        Index ``layer·num_directions + direction``, as for ``h_n``. They show the current
+        values; `parameters` gives the same arrays, writeable, by name.
         """
-        return self._weights
+        return tuple(tuple(_read_only_view(w) for w in triple) for triple in self._weights)
+
+    def parameters(self):
+        """The layer's own weight arrays by name, writeable, for optimizers to update in place.
+
+        Names are ``l{layer}_{direction}_{Wx|Wh|b}`` with direction ``forward`` or ``reverse``
+        (the member names of `save`'s file), in the order of `weights`. An update is seen by
+        the next forward call at once. Streaming states (`initial_state`) copy the weights into
+        the step kernel's layout when they are made, so a state keeps the weights of its start.
+
+        Returns
+        -------
+        dict of str -> ndarray
+            A new dict of the same arrays at every call.
+
+        Notes
+        -----
+        After the first call the weights stay writeable. Updating them while other threads
+        run this layer gives those threads a mix of old and new weights: keep such updates
+        apart from concurrent inference (or serve inference from a copy, e.g.
+        ``LSTM.from_weights(layer.weights)``).
+        """
+        with self._step_lock:
+            self._weights_exposed = True
+            self._step_weights = None
+        params = {}
+        for names, triple in zip(self._parameter_names, self._weights):
+            for name, array in zip(names, triple):
+                array.setflags(write=True)
+                params[name] = array
+        return params
 
     def __reduce__(self):
         # Pickling (e.g. to send a layer to a worker process) rebuilds from weights and config;
@@ -378,6 +544,7 @@ class LSTM:
             reverse=self._reverse,
             batch_first=self._batch_first,
             backend=self._backend,
+            dropout=self._dropout,
         )
         return (_from_weights, (type(self), self._weights, config))
 
@@ -386,7 +553,9 @@ class LSTM:
             f"LSTM(input_size={self._input_size}, hidden_size={self._hidden_size}, "
             f"num_layers={self._num_layers}, bidirectional={self._bidirectional}, "
             f"reverse={self._reverse}, "
-            f"batch_first={self._batch_first}, dtype={self._dtype.name}, backend={self._backend!r})"
+            f"batch_first={self._batch_first}, dtype={self._dtype.name}, backend={self._backend!r}"
+            + (f", dropout={self._dropout}" if self._dropout else "")
+            + ")"
         )
 
     # ------------------------------------------------------------------ forward
@@ -440,23 +609,42 @@ class LSTM:
         runs on the NumPy reference.
         """
         x = self._check_input(x)
-        T, B, _ = x.shape
-        h0, c0 = self._check_state(state, B)
-        plan = _FullPlan()
+        h0, c0 = self._check_state(state, x.shape[1])
+        plan = self._plan(lengths, x.shape)
+        y, h_n, c_n, cells, _ = self._run(x, h0, c0, plan, return_cells=return_cells)
+        if return_cells:
+            return self._finish(y), (h_n, c_n), self._finish(cells)
+        return self._finish(y), (h_n, c_n)
+
+    def _plan(self, lengths, shape):
+        T, B, _ = shape
         if lengths is not None:
             lengths = _check_lengths(lengths, T, B)
             if np.any(lengths != T):
-                plan = _BatchPlan(lengths, T)
+                return _BatchPlan(lengths, T)
+        return _FullPlan()
+
+    def _run(self, x, h0, c0, plan, *, return_cells=False, training=False, rng=None):
+        """Every layer and direction over time-major x, by ``plan``.
+
+        Returns y (T, B, dirs·H), h_n, c_n, the last layer's cells (or None) and, when
+        ``training``, a `TrainCache` (dropout masks drawn from ``rng``), else None.
+        """
+        T, B, _ = x.shape
         H, dirs = self._hidden_size, self.num_directions
         h_n = np.empty((self._num_layers * dirs, B, H), self._dtype)
         c_n = np.empty_like(h_n)
+        caches, masks = [], []
         layer_input = x
         for layer in range(self._num_layers):
+            if layer and training and self._dropout:
+                masks.append(self._dropout_mask(rng, layer_input.shape))
+                layer_input = layer_input * masks[-1]
             need_cells = return_cells and layer == self._num_layers - 1
             outputs, cells = [], []
             for direction in range(dirs):
                 k = layer * dirs + direction
-                y_k, h_n[k], c_n[k], cells_k = plan.run(
+                y_k, h_n[k], c_n[k], cells_k, caches_k = plan.run(
                     layer_input,
                     self._weights[k],
                     None if h0 is None else h0[k],
@@ -464,15 +652,127 @@ class LSTM:
                     self._backend,
                     need_cells,
                     reverse=direction == 1 or self._reverse,
+                    need_caches=training,
                 )
                 outputs.append(y_k)
                 cells.append(cells_k)
+                caches.append(caches_k)
             layer_input = outputs[0] if dirs == 1 else np.concatenate(outputs, axis=2)
-        y = self._finish(layer_input)
         if return_cells:
             cells = cells[0] if dirs == 1 else np.concatenate(cells, axis=2)
-            return y, (h_n, c_n), self._finish(cells)
-        return y, (h_n, c_n)
+        else:
+            cells = None
+        train_cache = None
+        if training:
+            train_cache = TrainCache(self, plan, caches, masks or None, (T, B))
+        return layer_input, h_n, c_n, cells, train_cache
+
+    def _dropout_mask(self, rng, shape):
+        """Inverted dropout: 0 with probability p, else 1/(1-p), so the expected value is 1."""
+        keep = rng.random(shape) >= self._dropout
+        return keep.astype(self._dtype) / self._dtype.type(1.0 - self._dropout)
+
+    # ------------------------------------------------------------------ training
+
+    def forward_train(self, x, state=None, lengths=None, *, rng=None):
+        """Forward pass that also returns the cache `backward` needs; applies dropout.
+
+        Parameters
+        ----------
+        x, state, lengths
+            As for calling the layer.
+        rng : numpy.random.Generator, int or None
+            Draws the dropout masks (if ``dropout > 0``); an int seeds a new generator; None
+            uses the layer's own generator (seeded by the constructor's ``seed``).
+
+        Returns
+        -------
+        y : ndarray
+            As for calling the layer (with dropout between layers, the same otherwise).
+        (h_n, c_n) : ndarrays, shape (num_layers·num_directions, B, H)
+        cache : TrainCache
+            For `backward`.
+        """
+        x = self._check_input(x)
+        h0, c0 = self._check_state(state, x.shape[1])
+        plan = self._plan(lengths, x.shape)
+        if self._dropout and self._num_layers > 1:
+            rng = self._rng if rng is None else np.random.default_rng(rng)
+        y, h_n, c_n, _, cache = self._run(x, h0, c0, plan, training=True, rng=rng)
+        return self._finish(y), (h_n, c_n), cache
+
+    def backward(self, dy, cache, dh_n=None, dc_n=None):
+        """Backpropagation through time through every layer and direction of `forward_train`.
+
+        Parameters
+        ----------
+        dy : ndarray, shaped like forward_train's y
+            Gradient of the loss with respect to y, the layer's dtype. Entries past a
+            sequence's length are ignored (those outputs are constant zeros).
+        cache : TrainCache
+            From this layer's `forward_train`.
+        dh_n, dc_n : ndarray, shape (num_layers·num_directions, B, H), optional
+            Gradients with respect to the final states; None means zeros.
+
+        Returns
+        -------
+        Gradients
+            A dict ``name -> gradient`` with the keys of `parameters`, and attributes ``dx``,
+            ``dh0``, ``dc0``.
+        """
+        T, B = self._check_train_cache(cache)
+        H, dirs = self._hidden_size, self.num_directions
+        meaning = "(B, T, num_directions·H)" if self._batch_first else "(T, B, num_directions·H)"
+        shape = (B, T, dirs * H) if self._batch_first else (T, B, dirs * H)
+        _check_float_array("dy", dy, self._dtype, shape, meaning)
+        state_shape = (self._num_layers * dirs, B, H)
+        for name, array in (("dh_n", dh_n), ("dc_n", dc_n)):
+            if array is not None:
+                _check_float_array(
+                    name, array, self._dtype, state_shape, "(num_layers·num_directions, B, H)"
+                )
+        zeros = np.zeros((B, H), self._dtype)
+        dh0 = np.empty(state_shape, self._dtype)
+        dc0 = np.empty(state_shape, self._dtype)
+        d_weights = [None] * len(self._weights)
+        d_output = dy.swapaxes(0, 1) if self._batch_first else dy
+        for layer in reversed(range(self._num_layers)):
+            d_input = None
+            for direction in range(dirs):
+                k = layer * dirs + direction
+                dx_k, dh0[k], dc0[k], *d_weights_k = cache._plan.backward(
+                    d_output[:, :, direction * H : (direction + 1) * H],
+                    cache._caches[k],
+                    zeros if dh_n is None else dh_n[k],
+                    zeros if dc_n is None else dc_n[k],
+                    self._weights[k],
+                    reverse=direction == 1 or self._reverse,
+                )
+                d_weights[k] = d_weights_k
+                d_input = dx_k if d_input is None else d_input + dx_k
+            if layer and cache._masks is not None:
+                d_input = d_input * cache._masks[layer - 1]
+            d_output = d_input
+        return Gradients(
+            (
+                (name, d_weight)
+                for names, triple in zip(self._parameter_names, d_weights)
+                for name, d_weight in zip(names, triple)
+            ),
+            dx=self._finish(d_output),
+            dh0=dh0,
+            dc0=dc0,
+        )
+
+    def _check_train_cache(self, cache):
+        if not isinstance(cache, TrainCache):
+            raise TypeError(
+                "cache must be the TrainCache returned by this layer's forward_train(), got "
+                f"{type(cache).__name__} (calling the layer runs inference and keeps no cache)"
+            )
+        if cache._layer is not self:
+            raise ValueError("cache was made by another layer's forward_train(), not this one's")
+        return cache._batch_shape
 
     def _finish(self, sequence):
         """Back to the caller's layout, as a fresh C-contiguous array."""
@@ -483,16 +783,25 @@ class LSTM:
     # ------------------------------------------------------------------ streaming
 
     def _prepared_step_weights(self):
-        """Per-layer (kernel, prepared weights), built once on first use (under a lock)."""
-        if self._step_weights is None:
+        """Per-layer (kernel, prepared weights) for new streaming states.
+
+        While the weights are read-only they cannot change, so they are prepared once (under a
+        lock) and shared. Once `parameters` has handed them out for in-place updates, every
+        call prepares them afresh (one pass over the weights, per `initial_state`).
+        """
+        prepared = self._step_weights
+        if prepared is None:
             with self._step_lock:
+                if self._weights_exposed:
+                    return self._prepare_step_weights()
                 if self._step_weights is None:
-                    kernel = _step.get_step_kernel(self._backend)
-                    self._step_weights = (
-                        kernel,
-                        tuple(kernel.prepare(*weights) for weights in self._weights),
-                    )
-        return self._step_weights
+                    self._step_weights = self._prepare_step_weights()
+                prepared = self._step_weights
+        return prepared
+
+    def _prepare_step_weights(self):
+        kernel = _step.get_step_kernel(self._backend)
+        return kernel, tuple(kernel.prepare(*weights) for weights in self._weights)
 
     def initial_state(self, batch_size, h0=None, c0=None):
         """A fresh streaming state for `step`, owning every buffer the steps write into.
@@ -507,6 +816,8 @@ class LSTM:
         Returns
         -------
         LSTMState
+            It steps with the weights as they are now: updates made later through
+            `parameters` reach the states made after them.
         """
         if self._bidirectional or self._reverse:
             raise ValueError(
@@ -529,7 +840,7 @@ class LSTM:
             kernel.new_buffers(prepared[layer], states[0][layer], states[1][layer])
             for layer in range(self._num_layers)
         )
-        return LSTMState(self, buffers, B)
+        return LSTMState(self, kernel, prepared, buffers, B)
 
     def step(self, x_t, state):
         """Advance a batch of streams by one time step; allocates nothing.
@@ -567,10 +878,10 @@ class LSTM:
                 (state.batch_size, self._input_size),
                 "(batch_size, input_size)",
             )
-        kernel, prepared = self._step_weights
+        step = state._kernel.step
         layer_input = x_t
-        for weights, buffers in zip(prepared, state._buffers):
-            kernel.step(weights, buffers, layer_input)
+        for weights, buffers in zip(state._prepared, state._buffers):
+            step(weights, buffers, layer_input)
             layer_input = buffers.h
         return layer_input, state
 

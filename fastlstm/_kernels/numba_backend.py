@@ -1,0 +1,847 @@
+"""Numba backend: the LSTM time loop compiled, BLAS only for products with many rows.
+
+Where the time goes, and what each part here does about it (DESIGN.md §6 has the measurements):
+
+* Only ``h_{t-1} @ Wh`` (forward) and ``da_t @ Wh.T`` (backward) are sequential. The input
+  projection ``x @ Wx`` for all T·B rows is one GEMM before the loop; dx, dWx and dWh are
+  GEMMs after it, db a reduction.
+* The gate update (σ, tanh, c and h) is fused into one pass per step. float32 uses a rational
+  tanh that vectorizes (scalar ``math.tanh`` does not: no SVML in llvmlite); float64 keeps the
+  exact functions, because the float64 tolerance is 1e-10.
+* Batch rows are independent for the whole sequence, so with several rows each thread takes a
+  chunk of rows and runs the whole time loop on it: no synchronisation per step.
+* With one row, the recurrent product is a matrix-vector product bound by the cache bandwidth
+  for Wh (H=256: 1 MiB per step), so the hidden units are split across the threads (each
+  core streams its share of Wh from its own L2) inside one parallel region, with a cheap
+  per-step barrier of our own ("Step barrier" below).
+
+Threads: one owner of the cores per call. Numba's threads run everything, GEMMs included,
+split by rows, with every BLAS single-threaded (`blas_threads(1)`): BLAS pools that spin
+after a call starved Numba's threads 13x (DESIGN.md §6). `n_threads` sets Numba's count for
+the call. Results depend only on the inputs and the thread count, never on timing.
+"""
+
+import os
+
+import numba
+import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  (loaded now so the BLAS thread control sees it)
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from .._backends import Backend
+from .._threads import blas_threads
+
+# --------------------------------------------------------------------------------------------
+# Threading layer
+# --------------------------------------------------------------------------------------------
+
+#: Order of preference. 'workqueue' costs ~145 µs per parallel launch here (DESIGN.md §6), the
+#: others 1.3–1.7 µs; 'omp' comes first because it is what was measured and it ships with
+#: the Numba wheels (it needs libgomp), 'tbb' needs the separate tbb package.
+_LAYER_PREFERENCE = ("omp", "tbb", "workqueue")
+_LAYER_MODULES = {"omp": "omppool", "tbb": "tbbpool", "workqueue": "workqueue"}
+
+#: The wait policy given to libgomp when it is loaded here and the user has not chosen one.
+#: libgomp's default lets idle threads spin ~300k iterations after every parallel region; on
+#: 2 cores shared with other work that starved the thread doing the work: S1 forward on 2
+#: threads took 23 ms spinning vs 0.6 ms passive (1 thread: 0.5 ms). Our kernels wait for
+#: each other inside a region with their own spin-then-help barrier, so they lose only a
+#: futex wake-up per region. The setting applies to the process's libgomp (also the Cython
+#: backend's, when this module loads it first).
+_GOMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _load_layer(layer):
+    """Import Numba's module for `layer` (loading its runtime); False if it cannot load."""
+    module = f"numba.np.ufunc.{_LAYER_MODULES[layer]}"
+    user_chose = any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+    set_here = {} if layer != "omp" or user_chose else _GOMP_ENV
+    # libgomp reads its environment once, when it is loaded; restore ours right after.
+    os.environ.update(set_here)
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    finally:
+        for name in set_here:
+            del os.environ[name]
+    return True
+
+
+def _choose_threading_layer():
+    """Ask Numba for the best layer that loads, unless the user chose one through the env."""
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    for layer in _LAYER_PREFERENCE:
+        if _load_layer(layer):
+            numba.config.THREADING_LAYER = layer
+            return
+
+
+_choose_threading_layer()
+
+# --------------------------------------------------------------------------------------------
+# Activations
+# --------------------------------------------------------------------------------------------
+
+#: |x| above which tanh(x) is taken as tanh(±_TANH_CLAMP); float32 tanh(7.9) = 0.99999976.
+_TANH_CLAMP = np.float32(7.9)
+#: tanh(x) ≈ x·P(x²)/Q(x²) on [0, 7.9]; fitted here (Lawson-weighted linearised least squares,
+#: minimax): 1.5e-8 max abs error in exact arithmetic, 3.4e-7 when evaluated in float32.
+_TANH_P = tuple(np.float32(v) for v in (
+    0.9999999230918841, 0.1297846342771903, 0.002985235026267957,
+    9.877257553525392e-06, -1.4720258023640426e-08, 2.3617783115957472e-11,
+))
+_TANH_Q = tuple(np.float32(v) for v in (
+    1.0, 0.46311764963073754, 0.02402483554506214, 0.00023714430336797948,
+))
+_P0, _P1, _P2, _P3, _P4, _P5 = _TANH_P
+_Q0, _Q1, _Q2, _Q3 = _TANH_Q
+_HALF32 = np.float32(0.5)
+_ONE64 = 1.0
+
+
+def tanh_act(x):
+    """tanh(x) as the kernels compute it (float32: rational approximation; float64: exact)."""
+    return np.tanh(x)
+
+
+def sigmoid_act(x):
+    """1 / (1 + exp(-x)) as the kernels compute it."""
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+def _tanh_float32(x):
+    # Comparisons rather than min/max so that NaN falls through both and propagates.
+    if x > _TANH_CLAMP:
+        x = _TANH_CLAMP
+    elif x < -_TANH_CLAMP:
+        x = -_TANH_CLAMP
+    s = x * x
+    p = ((((_P5 * s + _P4) * s + _P3) * s + _P2) * s + _P1) * s + _P0
+    q = ((_Q3 * s + _Q2) * s + _Q1) * s + _Q0
+    return x * p / q
+
+
+@overload(tanh_act, jit_options={"fastmath": {"contract"}})
+def _tanh_act_impl(x):
+    if x == numba.float32:
+        return lambda x: _tanh_float32(x)
+    return lambda x: np.tanh(x)
+
+
+@overload(sigmoid_act, jit_options={"fastmath": {"contract"}})
+def _sigmoid_act_impl(x):
+    if x == numba.float32:
+        # σ(x) = 1/2 + tanh(x/2)/2: one vectorizable rational instead of exp and a division.
+        return lambda x: _HALF32 + _HALF32 * _tanh_float32(_HALF32 * x)
+    return lambda x: _ONE64 / (_ONE64 + np.exp(-x))
+
+
+# --------------------------------------------------------------------------------------------
+# Compile options
+# --------------------------------------------------------------------------------------------
+
+#: 'numpy' error model: Python's division checks block vectorisation (5x on tanh). 'contract'
+#: allows FMA, 'reassoc' vectorized reductions; no 'nnan'/'ninf', so NaN and Inf propagate.
+#: Summation order depends only on the compiled code and on shapes, never on timing: results
+#: are bit-identical run to run.
+_JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})
+
+#: Hidden-unit ranges given to threads start at multiples of this (whole SIMD vectors).
+UNIT_ALIGN = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Step barrier for splitting one row's hidden units across threads
+# --------------------------------------------------------------------------------------------
+# A Numba parallel launch per step costs 1.3–5 µs here (more under load), longer than a whole
+# B=1 step at H=128. Instead one parallel region runs all steps, and each step's parts are
+# *claimed*: a thread claims its own part first (so each core keeps its share of Wh in its
+# own L2), then any part nobody has claimed yet, then waits until every part of the step is
+# done. A thread that starts late only finds its parts done by the other one.
+#
+# The 2 cores are shared with other work, so a thread can be descheduled for milliseconds
+# while it holds a claim. A waiting thread therefore *helps*: once it has waited several
+# times as long as its own part took, it computes the missing part itself. That is safe
+# because every part writes only step-unique storage (no ring buffers in these kernels) and
+# computes it with the same code from the same inputs, so a late duplicate writes the same
+# bits; "done" is a per-(step, part) flag, so a duplicate finish counts once. Nothing ever
+# waits for a thread that is not running: it can neither deadlock nor stall for a time slice.
+#
+# `claims` holds one counter per part, one cache line apart: the steps of that part claimed
+# so far. `done[step * n_parts + part]` is 1 once that part of that step is written. (The
+# atomic intrinsics take flat int64 arrays and one index.)
+
+_SYNC_STRIDE = 16
+#: A waiting thread helps after PATIENCE_FACTOR × (its own last part) + PATIENCE_CYCLES
+#: (~7 µs; a kernel argument, so the tests can make every wait help).
+PATIENCE_FACTOR = 4
+PATIENCE_CYCLES = 20_000
+
+
+def _array_item_pointer(context, builder, aryty, ary, idx):
+    assert aryty.ndim == 1, "the atomic intrinsics take 1-D arrays"
+    array = context.make_array(aryty)(context, builder, ary)
+    return cgutils.get_item_pointer(context, builder, aryty, array, [idx], wraparound=False)
+
+
+@intrinsic
+def _atomic_compare_exchange(typingctx, ary, idx, expected, new):
+    """If ary[idx] == expected, set it to new; True when this call made the change."""
+
+    def codegen(context, builder, signature, args):
+        ptr = _array_item_pointer(context, builder, signature.args[0], args[0], args[1])
+        result = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(result, 1)
+
+    return types.boolean(ary, idx, ary.dtype, ary.dtype), codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, ary, idx):
+    """ary[idx] read with acquire ordering (sees every write made before a finish)."""
+
+    def codegen(context, builder, signature, args):
+        ptr = _array_item_pointer(context, builder, signature.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return ary.dtype(ary, idx), codegen
+
+
+@intrinsic
+def _atomic_store(typingctx, ary, idx, value):
+    """ary[idx] = value with release ordering (publishes every write made before it)."""
+
+    def codegen(context, builder, signature, args):
+        ptr = _array_item_pointer(context, builder, signature.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(ary, idx, ary.dtype), codegen
+
+
+@intrinsic
+def _cycle_counter(typingctx):
+    """The CPU's cycle counter (llvm.readcyclecounter; 0 where the target has none)."""
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic(
+            "llvm.readcyclecounter", fnty=ir.FunctionType(ir.IntType(64), [])
+        )
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
+
+
+@njit(**_JIT)
+def _claim_part(claims, part, step):
+    """True if this thread now owns `part` of `step` (nobody claimed it before)."""
+    return _atomic_compare_exchange(claims, part * _SYNC_STRIDE, step, step + 1)
+
+
+@njit(**_JIT)
+def _mark_done(done, step, part, n_parts):
+    _atomic_store(done, step * n_parts + part, 1)
+
+
+@njit(**_JIT)
+def _wait_done(done, step, part, n_parts, patience):
+    """Wait for done[step, part]; False if `patience` cycles passed first (then help)."""
+    index = step * n_parts + part
+    start = _cycle_counter()
+    while _atomic_load(done, index) == 0:
+        if _cycle_counter() - start > patience:
+            return False
+    return True
+
+
+def _new_sync(n_steps, n_parts):
+    """(claims, done) for a split kernel of n_steps steps in n_parts parts."""
+    claims = np.zeros(n_parts * _SYNC_STRIDE, np.int64)
+    done = np.zeros(n_steps * n_parts, np.int64)
+    return claims, done
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _matvec_columns(vec, W, out, lo, hi):
+    """out[lo:hi] = vec @ W[:, lo:hi]   (vec: (K,), W: (K, N), out: (N,)).
+
+    Row-by-row axpy over a contiguous column range, four rows per pass so the partial sums in
+    ``out`` are loaded and stored once per four FMAs. Slices starting at 0 (not offsets from
+    ``lo``) let LLVM see that indices are non-negative; without that it kept the scalar loop.
+    """
+    K = vec.shape[0]
+    acc = out[lo:hi]
+    n = acc.shape[0]
+    for m in range(n):
+        acc[m] = 0
+    k = 0
+    while k + 4 <= K:
+        v0, v1, v2, v3 = vec[k], vec[k + 1], vec[k + 2], vec[k + 3]
+        w0, w1, w2, w3 = W[k, lo:hi], W[k + 1, lo:hi], W[k + 2, lo:hi], W[k + 3, lo:hi]
+        for m in range(n):
+            acc[m] += v0 * w0[m] + v1 * w1[m] + v2 * w2[m] + v3 * w3[m]
+        k += 4
+    while k < K:
+        v0 = vec[k]
+        w0 = W[k, lo:hi]
+        for m in range(n):
+            acc[m] += v0 * w0[m]
+        k += 1
+
+
+@njit(**_JIT)
+def _matvec_rows(W, vec, out, lo, hi):
+    """out[lo:hi] = W[lo:hi] @ vec   (W: (N, K), vec: (K,), out: (N,)).
+
+    One dot product per row of the natural (untransposed) matrix, four rows per pass so each
+    load of ``vec`` feeds four FMAs; 'reassoc' lets LLVM vectorize the sums.
+    """
+    K = vec.shape[0]
+    k = lo
+    while k + 4 <= hi:
+        w0, w1, w2, w3 = W[k], W[k + 1], W[k + 2], W[k + 3]
+        s0 = s1 = s2 = s3 = vec[0] - vec[0]
+        for m in range(K):
+            v = vec[m]
+            s0 += w0[m] * v
+            s1 += w1[m] * v
+            s2 += w2[m] * v
+            s3 += w3[m] * v
+        out[k], out[k + 1], out[k + 2], out[k + 3] = s0, s1, s2, s3
+        k += 4
+    while k < hi:
+        w0 = W[k]
+        s0 = vec[0] - vec[0]
+        for m in range(K):
+            s0 += w0[m] * vec[m]
+        out[k] = s0
+        k += 1
+
+
+@njit(**_JIT)
+def _cell_forward(pre, pre_base, pre_stride, xproj_row, b, c_prev, j0, n,
+                  gates_row, c_row, tanh_c_row, h_row):
+    """Gate update for hidden units j0 .. j0+n-1 of one batch row.
+
+    Pre-activations are ``a[gate, j] = pre[pre_base + gate*pre_stride + j - j0]
+    + xproj_row[gate*H + j] + b[gate*H + j]`` (``pre`` holds h_{t-1} @ Wh, natural or packed).
+    Writes the activated gates (natural layout i, f, o, g), c_t, tanh(c_t) and h_t.
+    """
+    H = c_prev.shape[0]
+    pre_i = pre[pre_base:pre_base + n]
+    pre_f = pre[pre_base + pre_stride:pre_base + pre_stride + n]
+    pre_o = pre[pre_base + 2 * pre_stride:pre_base + 2 * pre_stride + n]
+    pre_g = pre[pre_base + 3 * pre_stride:pre_base + 3 * pre_stride + n]
+    x_i, x_f = xproj_row[j0:j0 + n], xproj_row[H + j0:H + j0 + n]
+    x_o, x_g = xproj_row[2 * H + j0:2 * H + j0 + n], xproj_row[3 * H + j0:3 * H + j0 + n]
+    b_i, b_f = b[j0:j0 + n], b[H + j0:H + j0 + n]
+    b_o, b_g = b[2 * H + j0:2 * H + j0 + n], b[3 * H + j0:3 * H + j0 + n]
+    out_i, out_f = gates_row[j0:j0 + n], gates_row[H + j0:H + j0 + n]
+    out_o, out_g = gates_row[2 * H + j0:2 * H + j0 + n], gates_row[3 * H + j0:3 * H + j0 + n]
+    c_old, c_out = c_prev[j0:j0 + n], c_row[j0:j0 + n]
+    tanh_c_out, h_out = tanh_c_row[j0:j0 + n], h_row[j0:j0 + n]
+    for u in range(n):
+        i = sigmoid_act(pre_i[u] + x_i[u] + b_i[u])
+        f = sigmoid_act(pre_f[u] + x_f[u] + b_f[u])
+        o = sigmoid_act(pre_o[u] + x_o[u] + b_o[u])
+        g = tanh_act(pre_g[u] + x_g[u] + b_g[u])
+        c = f * c_old[u] + i * g
+        tanh_c = tanh_act(c)
+        out_i[u] = i
+        out_f[u] = f
+        out_o[u] = o
+        out_g[u] = g
+        c_out[u] = c
+        tanh_c_out[u] = tanh_c
+        h_out[u] = o * tanh_c
+
+
+@njit(**_JIT)
+def _recurrent_gate_columns(h_prev, Wh, pre, lo, hi):
+    """pre[gate*H + j] = (h_prev @ Wh)[gate*H + j] for the four gates of units lo..hi-1."""
+    H = Wh.shape[0]
+    if lo == 0 and hi == H:
+        _matvec_columns(h_prev, Wh, pre, 0, 4 * H)
+    else:
+        for gate in range(4):
+            _matvec_columns(h_prev, Wh, pre, gate * H + lo, gate * H + hi)
+
+
+@njit(**_JIT)
+def _forward_rows(xproj, b, Wh, use_matvec, r0, r1, hs, cells, gates, tanh_cells):
+    """The whole time loop for batch rows r0..r1-1 (rows are independent of each other).
+
+    xproj: (T, B, 4H) = x @ Wx;  hs: (T+1, B, H), h0 in slot 0, h_t written to slot t+1;
+    cells: (Tc, B, H), c0 in slot 0, c_t written to slot (t+1) % Tc;  gates: (Tg, B, 4H) and
+    tanh_cells: (Tg, B, H), step t in slot t % Tg.
+    ``h_prev[r0:r1] @ Wh`` is one BLAS GEMM per step, or with ``use_matvec`` one
+    `_matvec_columns` per row.
+    """
+    T = xproj.shape[0]
+    H = hs.shape[2]
+    Tc = cells.shape[0]
+    Tg = gates.shape[0]
+    pre = np.empty((r1 - r0, 4 * H), dtype=xproj.dtype)
+    for t in range(T):
+        h_prev = hs[t]
+        if use_matvec:
+            for r in range(r0, r1):
+                _matvec_columns(h_prev[r], Wh, pre[r - r0], 0, 4 * H)
+        else:
+            np.dot(h_prev[r0:r1], Wh, pre)
+        for r in range(r0, r1):
+            _cell_forward(pre[r - r0], 0, H, xproj[t, r], b, cells[t % Tc, r], 0, H,
+                          gates[t % Tg, r], cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
+                          hs[t + 1, r])
+
+
+@njit(**_JIT)
+def _matmul_row_range(A, B, out, part, n_parts):
+    """out[rows] = A[rows] @ B for the part-th of n_parts contiguous row ranges."""
+    M = A.shape[0]
+    r0 = part * M // n_parts
+    r1 = (part + 1) * M // n_parts
+    if r1 > r0:
+        np.dot(A[r0:r1], B, out[r0:r1])
+
+
+@njit(parallel=True, **_JIT)
+def _matmul_rows(A, B, out, n_parts):
+    """out = A @ B with the rows split over n_parts threads, single-threaded BLAS in each."""
+    for part in prange(n_parts):
+        _matmul_row_range(A, B, out, part, n_parts)
+
+
+@njit(parallel=True, **_JIT)
+def _matmul_transposed_partials(A, B, partials):
+    """partials[p] = A[rows_p].T @ B[rows_p]: A.T @ B = partials.sum(0), rows split over threads.
+
+    Splitting the reduction (the rows) keeps every operand contiguous; the partial sums are
+    added in a fixed order, so the result depends on the thread count but not on timing.
+    """
+    n_parts = partials.shape[0]
+    M = A.shape[0]
+    for part in prange(n_parts):
+        r0 = part * M // n_parts
+        r1 = (part + 1) * M // n_parts
+        if r1 > r0:
+            np.dot(A[r0:r1].T, B[r0:r1], partials[part])
+        else:
+            partials[part] = 0
+
+
+@njit(parallel=True, **_JIT)
+def _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_chunks,
+                          xproj, hs, cells, gates, tanh_cells):
+    """xproj = x @ Wx split by rows, then the batch in n_chunks chunks, one thread each."""
+    B = xproj.shape[1]
+    for part in prange(n_chunks):
+        _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
+                          part, n_chunks)
+    for chunk in prange(n_chunks):
+        _forward_rows(xproj, b, Wh, use_matvec,
+                      chunk * B // n_chunks, (chunk + 1) * B // n_chunks,
+                      hs, cells, gates, tanh_cells)
+
+
+@njit(**_JIT)
+def _unit_range(part, n_parts, H):
+    """Hidden units lo..hi-1 of `part`: equal shares, starting at multiples of UNIT_ALIGN."""
+    n_groups = (H + UNIT_ALIGN - 1) // UNIT_ALIGN
+    lo = min(H, part * n_groups // n_parts * UNIT_ALIGN)
+    hi = min(H, (part + 1) * n_groups // n_parts * UNIT_ALIGN)
+    return lo, hi
+
+
+@njit(**_JIT)
+def _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells, pre, step, part,
+                  n_parts):
+    """`part` of `step`: step 0 is a row range of xproj = x @ Wx; step 1 + r*T + t is step t
+    of row r for the part's hidden units. Either writes only that step's slots.
+    """
+    if step == 0:
+        _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
+                          part, n_parts)
+        return
+    T = xproj.shape[0]
+    H = hs.shape[2]
+    r, t = (step - 1) // T, (step - 1) % T
+    lo, hi = _unit_range(part, n_parts, H)
+    _recurrent_gate_columns(hs[t, r], Wh, pre, lo, hi)
+    _cell_forward(pre, lo, H, xproj[t, r], b, cells[t, r], lo, hi - lo,
+                  gates[t, r], cells[t + 1, r], tanh_cells[t, r], hs[t + 1, r])
+
+
+@njit(parallel=True, **_JIT)
+def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience, parts_done,
+                          xproj, hs, cells, gates, tanh_cells):
+    """The whole forward pass in one parallel region of claimed parts (see "Step barrier"):
+    xproj = x @ Wx by row ranges, then the rows one after the other, each step's hidden units
+    split into n_parts. One region, not two: under load a region waits for a slow thread.
+    Needs full storage: cells (T+1, B, H), gates (T, B, 4H), tanh_cells (T, B, H).
+    parts_done[i] (out) counts the parts the i-th thread computed.
+    """
+    T, B = xproj.shape[0], xproj.shape[1]
+    H = hs.shape[2]
+    for first in prange(n_parts):
+        pre = np.empty(4 * H, dtype=xproj.dtype)
+        own_cycles = 0
+        parts_done[first] = 0
+        for step in range(1 + B * T):
+            for q in range(n_parts):
+                part = (first + q) % n_parts
+                if _claim_part(claims, part, step):
+                    start = _cycle_counter()
+                    _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells,
+                                  pre, step, part, n_parts)
+                    own_cycles = _cycle_counter() - start
+                    _mark_done(done, step, part, n_parts)
+                    parts_done[first] += 1
+            for part in range(n_parts):
+                if not _wait_done(done, step, part, n_parts,
+                                  PATIENCE_FACTOR * own_cycles + patience):
+                    _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells,
+                                  pre, step, part, n_parts)
+                    _mark_done(done, step, part, n_parts)
+                    parts_done[first] += 1
+
+
+@njit(**_JIT)
+def _cell_backward(dh_carry, dy_row, dc, gates_row, c_prev, tanh_c_row, dc_prev, da_row, j0, n):
+    """Gradients of one step for hidden units j0 .. j0+n-1 of one batch row.
+
+    In: dh_carry = dL/dh_t from step t+1 (da_{t+1} @ Wh.T), dy_row = dL/dy_t, dc = dL/dc_t.
+    Out: dc_prev = dL/dc_{t-1}, da_row = dL/da_t (pre-activations, i, f, o, g).
+    Written without constants (i - i*i is i*(1 - i)) so float32 stays float32.
+    """
+    H = dc.shape[0]
+    i_in, f_in = gates_row[j0:j0 + n], gates_row[H + j0:H + j0 + n]
+    o_in, g_in = gates_row[2 * H + j0:2 * H + j0 + n], gates_row[3 * H + j0:3 * H + j0 + n]
+    da_i, da_f = da_row[j0:j0 + n], da_row[H + j0:H + j0 + n]
+    da_o, da_g = da_row[2 * H + j0:2 * H + j0 + n], da_row[3 * H + j0:3 * H + j0 + n]
+    carry, dy_u, dc_u = dh_carry[j0:j0 + n], dy_row[j0:j0 + n], dc[j0:j0 + n]
+    dc_out = dc_prev[j0:j0 + n]
+    c_old, tanh_c_in = c_prev[j0:j0 + n], tanh_c_row[j0:j0 + n]
+    for u in range(n):
+        i, f, o, g = i_in[u], f_in[u], o_in[u], g_in[u]
+        tanh_c = tanh_c_in[u]
+        dh = dy_u[u] + carry[u]
+        dh_o = dh * o
+        dc_t = dc_u[u] + (dh_o - dh_o * tanh_c * tanh_c)
+        d_i = dc_t * g
+        d_f = dc_t * c_old[u]
+        d_o = dh * tanh_c
+        d_g = dc_t * i
+        dc_out[u] = dc_t * f
+        da_i[u] = d_i * i - d_i * i * i
+        da_f[u] = d_f * f - d_f * f * f
+        da_o[u] = d_o * o - d_o * o * o
+        da_g[u] = d_g - d_g * g * g
+
+
+@njit(**_JIT)
+def _backward_rows(dy, gates, cells, tanh_cells, Wh, use_matvec, r0, r1, dh, dc, dgates):
+    """BPTT over the whole sequence for batch rows r0..r1-1.
+
+    dh, dc: (B, H), in: dL/dh_T, dL/dc_T; out: dL/dh0, dL/dc0. dgates: (T, B, 4H) out, dL/da_t.
+    ``dh_{t-1} = da_t @ Wh.T`` is `_matvec_rows` of Wh (H, 4H) per row, or one GEMM.
+    """
+    T = dy.shape[0]
+    H = dy.shape[2]
+    carry = np.empty((r1 - r0, H), dtype=dy.dtype)
+    dc_steps = np.empty((2, r1 - r0, H), dtype=dy.dtype)
+    dc_steps[T % 2] = dc[r0:r1]
+    for t in range(T - 1, -1, -1):
+        carry[:] = dh[r0:r1]
+        for r in range(r0, r1):
+            _cell_backward(carry[r - r0], dy[t, r], dc_steps[(t + 1) % 2, r - r0], gates[t, r],
+                           cells[t, r], tanh_cells[t, r], dc_steps[t % 2, r - r0],
+                           dgates[t, r], 0, H)
+        if use_matvec:
+            for r in range(r0, r1):
+                _matvec_rows(Wh, dgates[t, r], dh[r], 0, H)
+        else:
+            np.dot(dgates[t, r0:r1], Wh.T, dh[r0:r1])
+    dc[r0:r1] = dc_steps[0]
+
+
+@njit(parallel=True, **_JIT)
+def _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec, n_chunks,
+                           dh, dc, dgates):
+    """Split the batch into n_chunks contiguous chunks; each thread runs `_backward_rows`."""
+    B = dy.shape[1]
+    for chunk in prange(n_chunks):
+        _backward_rows(dy, gates, cells, tanh_cells, Wh, use_matvec,
+                       chunk * B // n_chunks, (chunk + 1) * B // n_chunks, dh, dc, dgates)
+
+
+@njit(**_JIT)
+def _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, r, k, part, n_parts):
+    """Phase k of row r for the hidden units of `part`; writes only phase k's slots.
+
+    carry[r, k] = dL/dh_{T-1-k} (carry[r, 0] = dL/dh_T), dcs[r, k] = dL/dc_{T-k}.
+    """
+    T, H = dy.shape[0], dy.shape[2]
+    lo, hi = _unit_range(part, n_parts, H)
+    if k >= 1:
+        _matvec_rows(Wh, dgates[T - k, r], carry[r, k], lo, hi)
+    if k < T:
+        t = T - 1 - k
+        _cell_backward(carry[r, k], dy[t, r], dcs[r, k], gates[t, r], cells[t, r],
+                       tanh_cells[t, r], dcs[r, k + 1], dgates[t, r], lo, hi - lo)
+
+
+@njit(parallel=True, **_JIT)
+def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, done, patience,
+                           parts_done, carry, dcs, dgates):
+    """Rows one after the other; the hidden units split into n_parts claimed parts.
+
+    Phase k of a row (k = 0..T) does, for the part's units: dL/dh_{T-k} = da_{T-k} @ Wh.T
+    (k >= 1; needs all of da_{T-k}, finished in phase k-1), then the gate gradients of step
+    T-1-k (k < T; needs only the part's own units). So one barrier per step.
+    carry, dcs: (B, T+1, H) with carry[:, 0] = dL/dh_T, dcs[:, 0] = dL/dc_T; on return
+    carry[:, T] = dL/dh0 and dcs[:, T] = dL/dc0. parts_done as in `_forward_split_hidden`.
+    """
+    T, B = dy.shape[0], dy.shape[1]
+    for first in prange(n_parts):
+        own_cycles = 0
+        parts_done[first] = 0
+        for step in range(B * (T + 1)):
+            r, k = step // (T + 1), step % (T + 1)
+            for q in range(n_parts):
+                part = (first + q) % n_parts
+                if _claim_part(claims, part, step):
+                    start = _cycle_counter()
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs,
+                                   r, k, part, n_parts)
+                    own_cycles = _cycle_counter() - start
+                    _mark_done(done, step, part, n_parts)
+                    parts_done[first] += 1
+            for part in range(n_parts):
+                if not _wait_done(done, step, part, n_parts,
+                                  PATIENCE_FACTOR * own_cycles + patience):
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs,
+                                   r, k, part, n_parts)
+                    _mark_done(done, step, part, n_parts)
+                    parts_done[first] += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: which kernel for which shape (measured, see the module docstring)
+# --------------------------------------------------------------------------------------------
+
+#: Splitting one row's hidden units across threads pays from this H on. Below it a step is
+#: ~1 µs, not much more than the cross-core hand-over of h_{t-1}.
+SPLIT_HIDDEN_MIN_H = 128
+#: Rows per thread for which a per-row matrix-vector product beats a BLAS GEMM per step, and
+#: the H from which it does: OpenBLAS packs all of Wh on every small-M GEMM call (H=512, 2 rows:
+#: 19 ms vs 6.5 ms for T=50), while one row is forwarded to its gemv, as fast as ours.
+MATVEC_ROWS = (2, 8)
+MATVEC_MIN_H = 256
+
+
+#: When a split call finds its partner thread mostly absent (it computed less than this share
+#: of the parts: the cores are busy with other work, and the split was then 1.3–2x slower
+#: than one thread), the next SPLIT_BACKOFF_CALLS one-row calls run on one thread. They use
+#: the same matrix-vector kernels, so the results are bit-identical either way.
+SPLIT_MIN_SHARE = 0.25
+SPLIT_BACKOFF_CALLS = 20
+_split_backoff = 0
+
+
+def _note_partner(parts_done):
+    """Start a back-off if the parts were not shared (see SPLIT_MIN_SHARE)."""
+    global _split_backoff
+    if parts_done.min() < SPLIT_MIN_SHARE * parts_done.sum() / len(parts_done):
+        _split_backoff = SPLIT_BACKOFF_CALLS
+
+
+def _plan(B, H, n_threads):
+    """Return (mode, n_workers, use_matvec); mode is "chunks" or "split_hidden"."""
+    global _split_backoff
+    if B == 1 and n_threads > 1 and H >= SPLIT_HIDDEN_MIN_H:
+        if _split_backoff > 0:
+            _split_backoff -= 1
+            return "chunks", 1, True
+        return "split_hidden", n_threads, True
+    n_chunks = max(1, min(n_threads, B))
+    rows = B // n_chunks
+    use_matvec = MATVEC_ROWS[0] <= rows <= MATVEC_ROWS[1] and H >= MATVEC_MIN_H
+    return "chunks", n_chunks, use_matvec
+
+
+def _usable_threads(n_threads):
+    """Numba cannot run more threads than it started with (NUMBA_NUM_THREADS)."""
+    return max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS))
+
+
+class _numba_threads:
+    """Set Numba's thread count (per calling thread) for a block and restore it."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.before = numba.get_num_threads()
+        numba.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.before)
+
+
+#: Multiply-adds below which a GEMM after the time loop stays on one thread: waking the
+#: other thread (a futex with the passive libgomp) costs more than it saves.
+PARALLEL_GEMM_MIN_FMA = 4_000_000
+
+
+def _matmul(A, B, n_threads):
+    """A @ B as a fresh array, rows split over the threads when it is large enough."""
+    out = np.empty((A.shape[0], B.shape[1]), A.dtype)
+    if n_threads > 1 and A.shape[0] * A.shape[1] * B.shape[1] >= PARALLEL_GEMM_MIN_FMA:
+        _matmul_rows(A, B, out, n_threads)
+    else:
+        np.matmul(A, B, out=out)
+    return out
+
+
+def _matmul_transposed(A, B, n_threads):
+    """A.T @ B as a fresh array; large ones as per-thread partial sums over row ranges."""
+    if n_threads > 1 and A.shape[0] * A.shape[1] * B.shape[1] >= PARALLEL_GEMM_MIN_FMA:
+        partials = np.empty((n_threads, A.shape[1], B.shape[1]), A.dtype)
+        _matmul_transposed_partials(A, B, partials)
+        return partials.sum(axis=0)
+    return np.matmul(A.T, B)
+
+
+def _writeable(a):
+    """A read-only array is a separate Numba type (another compile); copy those instead."""
+    return a if a.flags.writeable else a.copy()
+
+
+def threading_layer():
+    """Name of the threading layer Numba uses ('omp', 'tbb' or 'workqueue').
+
+    Numba fixes the layer at its first parallel launch; this makes one if none happened yet.
+    """
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        _warm_up_layer(np.zeros(1))
+        return numba.threading_layer()
+
+
+@njit(parallel=True, cache=True)
+def _warm_up_layer(a):
+    for k in prange(a.shape[0]):
+        a[k] = k
+
+
+# --------------------------------------------------------------------------------------------
+# Backend protocol
+# --------------------------------------------------------------------------------------------
+
+
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
+    T, B, D = x.shape
+    H = Wh.shape[0]
+    dtype = x.dtype
+    xproj = np.empty((T, B, 4 * H), dtype)
+    hs = np.empty((T + 1, B, H), dtype)
+    hs[0] = h0
+    n_threads = _usable_threads(n_threads)
+    mode, n_workers, use_matvec = _plan(B, H, n_threads)
+    # Full per-step storage when cached, or when the split kernel needs step-unique slots.
+    full = need_cache or mode == "split_hidden"
+    cells = np.empty((T + 1 if full else 2, B, H), dtype)
+    cells[0] = c0
+    gates = np.empty((T if full else 1, B, 4 * H), dtype)
+    tanh_cells = np.empty((T if full else 1, B, H), dtype)
+    x_rows = _writeable(x).reshape(T * B, D)
+    Wx = _writeable(Wx)
+    Wh = _writeable(Wh)
+    b = b.copy()
+    # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
+    with blas_threads(1), _numba_threads(n_threads):
+        if mode == "split_hidden":
+            parts_done = np.empty(n_workers, np.int64)
+            _forward_split_hidden(x_rows, Wx, b, Wh, n_workers,
+                                  *_new_sync(1 + B * T, n_workers), PATIENCE_CYCLES,
+                                  parts_done, xproj, hs, cells, gates, tanh_cells)
+            _note_partner(parts_done)
+        else:
+            _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_workers,
+                                  xproj, hs, cells, gates, tanh_cells)
+    y = hs[1:]
+    h_T = hs[T].copy()
+    c_T = cells[T % cells.shape[0]].copy()
+    cache = (x_rows, Wx, Wh, hs, cells, gates, tanh_cells) if need_cache else None
+    return y, h_T, c_T, cache
+
+
+def backward(dy, dh_T, dc_T, cache, *, n_threads):
+    x_rows, Wx, Wh, hs, cells, gates, tanh_cells = cache
+    T, B, H = dy.shape
+    D = x_rows.shape[1]
+    dy = _writeable(dy)
+    dh = dh_T.copy()
+    dc = dc_T.copy()
+    dgates = np.empty((T, B, 4 * H), dy.dtype)
+    n_threads = _usable_threads(n_threads)
+    mode, n_workers, use_matvec = _plan(B, H, n_threads)
+    with blas_threads(1), _numba_threads(n_threads):
+        if mode == "split_hidden":
+            parts_done = np.empty(n_workers, np.int64)
+            carry = np.empty((B, T + 1, H), dy.dtype)
+            dcs = np.empty((B, T + 1, H), dy.dtype)
+            carry[:, 0] = dh
+            dcs[:, 0] = dc
+            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_workers,
+                                   *_new_sync(B * (T + 1), n_workers), PATIENCE_CYCLES,
+                                   parts_done, carry, dcs, dgates)
+            _note_partner(parts_done)
+            dh, dc = carry[:, T].copy(), dcs[:, T].copy()
+        else:
+            _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec,
+                                   n_workers, dh, dc, dgates)
+        dgates_rows = dgates.reshape(T * B, 4 * H)
+        dx = _matmul(dgates_rows, Wx.T, n_threads)
+        dWx = _matmul_transposed(x_rows, dgates_rows, n_threads)
+        dWh = _matmul_transposed(hs[:T].reshape(T * B, H), dgates_rows, n_threads)
+    db = dgates_rows.sum(axis=0)
+    return dx.reshape(T, B, D), dh, dc, dWx, dWh, db
+
+
+def cells_from_cache(cache, c_T):
+    """Cell state c_t at every step, (T, B, H), from a forward cache (for `LSTM` return_cells).
+
+    A copy: the cache's own array feeds the backward pass.
+    """
+    cells = cache[4]
+    return cells[1:].copy()
+
+
+def speed_rank(T, B, D, H):
+    """Preference for backend=None (higher wins; the reference ranks 0).
+
+    Faster than the reference on every benchmark shape. Measured side by side (float32,
+    2 threads, each implementation in its own process, median ms, 2 shared cores under a load
+    of ~4): forward S1 0.44 vs numpy 2.13, S2 2.14 vs 8.96, S3 34.8 vs 112, S4 513 vs 1586,
+    S5 1000 vs 1412; forward+backward S1 1.13, S2 5.7, S3 76, S4 1052, S5 1534. The better
+    choice over the other compiled backend is the batched shapes (B >= 32, per-thread batch
+    chunks with no per-step synchronisation), where that backend ranks itself below 1.
+    """
+    return 1
+
+
+BACKEND = Backend("numba", forward, backward, speed_rank)

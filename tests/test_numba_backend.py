@@ -1,0 +1,344 @@
+"""Checks particular to the Numba backend: threading layer, activations, matrix-vector kernels,
+the kernel variants the planner can choose, the step barrier, compile caching and
+specialisations.
+
+The generic forward/gradient checks against the reference are in test_backends.py.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastlstm
+
+numba = pytest.importorskip("numba")
+if "numba" not in fastlstm.available_backends():
+    pytest.skip("numba backend not available", allow_module_level=True)
+
+from fastlstm._kernels import numba_backend as nb  # noqa: E402
+from lstm_data import as_float64, make_problem, make_upstream  # noqa: E402
+from test_backends import assert_matches_reference, reference  # noqa: E402
+
+
+def run_in_fresh_process(code):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+# --- threading layer --------------------------------------------------------------------------
+
+def test_threading_layer_is_not_workqueue_in_a_fresh_process():
+    """The layer is fixed at a process's first parallel launch; check the one we really get."""
+    layer = run_in_fresh_process("""
+        import numpy as np, fastlstm
+        from fastlstm._kernels import numba_backend
+        x = np.ones((3, 2, 4), np.float32)
+        Wx, Wh, b = np.ones((4, 8), np.float32), np.ones((2, 8), np.float32), np.ones(8, np.float32)
+        fastlstm.set_num_threads(2)
+        fastlstm.lstm_forward(x, Wx, Wh, b, backend="numba")
+        print(numba_backend.threading_layer())
+    """)
+    assert layer in ("omp", "tbb"), layer
+
+
+def test_threading_layer_reports_the_layer_in_use():
+    assert nb.threading_layer() == numba.threading_layer()
+
+
+# --- activations ------------------------------------------------------------------------------
+
+@numba.njit
+def apply_tanh(a):
+    out = np.empty_like(a)
+    for k in range(a.shape[0]):
+        out[k] = nb.tanh_act(a[k])
+    return out
+
+
+@numba.njit
+def apply_sigmoid(a):
+    out = np.empty_like(a)
+    for k in range(a.shape[0]):
+        out[k] = nb.sigmoid_act(a[k])
+    return out
+
+
+def activation_grid(dtype):
+    tiny = np.finfo(dtype).smallest_subnormal
+    special = [0.0, -0.0, np.inf, -np.inf, 1e4, -1e4, 1e30, -1e30, 7.9, -7.9, 7.9001, 15.8,
+               -15.8, tiny, -tiny, 1e3 * tiny, np.finfo(dtype).tiny, np.finfo(dtype).max,
+               -np.finfo(dtype).max]
+    dense = np.linspace(-20.0, 20.0, 400_001)
+    return np.concatenate([dense, special]).astype(dtype)
+
+
+ACTIVATION_TOLERANCE = {np.float32: 4e-7, np.float64: 1e-15}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_error_bound_and_limits(dtype):
+    a = activation_grid(dtype)
+    got = apply_tanh(a)
+    assert got.dtype == dtype
+    want = np.tanh(a.astype(np.float64))
+    assert np.max(np.abs(got - want)) <= ACTIVATION_TOLERANCE[dtype]
+    assert np.all(np.abs(got) <= 1.0)
+    np.testing.assert_array_equal(got, -apply_tanh(-a))  # odd, also for ±0 and ±inf
+    assert got[a == np.inf].tolist() == [pytest.approx(1.0, abs=3e-7)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_error_bound_and_limits(dtype):
+    a = activation_grid(dtype)
+    got = apply_sigmoid(a)
+    assert got.dtype == dtype
+    with np.errstate(over="ignore"):
+        want = 1.0 / (1.0 + np.exp(-a.astype(np.float64)))
+    assert np.max(np.abs(got - want)) <= ACTIVATION_TOLERANCE[dtype]
+    assert np.all((got >= 0.0) & (got <= 1.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activations_propagate_nan(dtype):
+    a = np.array([np.nan, -np.nan, 1.0], dtype)
+    assert np.isnan(apply_tanh(a)[:2]).all() and np.isnan(apply_sigmoid(a)[:2]).all()
+
+
+def test_float32_tiny_inputs_keep_their_value():
+    """Denormal and tiny inputs: tanh(x) ≈ x (no flush to zero, no sign loss)."""
+    a = np.array([1e-40, -1e-40, 1e-30, -1e-30], np.float32)
+    np.testing.assert_allclose(apply_tanh(a), a, rtol=1e-6)
+
+
+# --- the matrix-vector kernels --------------------------------------------
+
+@pytest.mark.parametrize("H", [1, 5, 16, 17, 40, 130])
+@pytest.mark.parametrize("n_parts", [1, 2, 3, 5])
+def test_unit_ranges_cover_every_unit_once_aligned(H, n_parts):
+    ranges = [nb._unit_range(part, n_parts, H) for part in range(n_parts)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == H
+    for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:]):
+        assert lo <= hi == next_lo
+    assert all(lo % nb.UNIT_ALIGN == 0 or lo == H for lo, _ in ranges)
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 21), (0, 16), (16, 21), (5, 5)])
+def test_recurrent_gate_columns_fills_four_gate_ranges(lo, hi):
+    H = 21
+    rng = np.random.default_rng(hi)
+    h, Wh = rng.standard_normal(H), rng.standard_normal((H, 4 * H))
+    pre = np.full(4 * H, 7.0)
+    nb._recurrent_gate_columns(h, Wh, pre, lo, hi)
+    want = h @ Wh
+    columns = np.concatenate([np.arange(gate * H + lo, gate * H + hi) for gate in range(4)])
+    np.testing.assert_allclose(pre[columns], want[columns], rtol=1e-12, atol=1e-12)
+    untouched = np.setdiff1d(np.arange(4 * H), columns)
+    assert np.all(pre[untouched] == 7.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K, N, lo, hi", [(1, 7, 0, 7), (3, 9, 2, 5), (13, 64, 0, 64),
+                                           (130, 512, 128, 384), (5, 33, 33, 33)])
+def test_matvec_columns(dtype, K, N, lo, hi):
+    rng = np.random.default_rng(K + N)
+    vec, W = rng.standard_normal(K).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    out = np.full(N, 7.0, dtype)
+    nb._matvec_columns(vec, W, out, lo, hi)
+    want = vec.astype(np.float64) @ W.astype(np.float64)
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(out[lo:hi], want[lo:hi], rtol=tol, atol=tol)
+    assert np.all(out[:lo] == 7.0) and np.all(out[hi:] == 7.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N, K, lo, hi", [(1, 7, 0, 1), (9, 3, 2, 7), (13, 64, 0, 13),
+                                           (128, 512, 64, 128), (5, 33, 5, 5)])
+def test_matvec_rows(dtype, N, K, lo, hi):
+    rng = np.random.default_rng(K + N)
+    W, vec = rng.standard_normal((N, K)).astype(dtype), rng.standard_normal(K).astype(dtype)
+    out = np.full(N, 7.0, dtype)
+    nb._matvec_rows(W, vec, out, lo, hi)
+    want = W.astype(np.float64) @ vec.astype(np.float64)
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(out[lo:hi], want[lo:hi], rtol=tol, atol=tol)
+    assert np.all(out[:lo] == 7.0) and np.all(out[hi:] == 7.0)
+
+
+# --- every kernel variant the planner can choose ----------------------------------------------
+
+PLANS = [  # what _plan would return, forced
+    ("split_hidden", 2, True),
+    ("split_hidden", 3, True),  # more parts than threads: parts run one after another
+    ("chunks", 1, True),
+    ("chunks", 2, True),
+    ("chunks", 1, False),
+    ("chunks", 3, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p[0]}-{p[1]}-{'matvec' if p[2] else 'gemm'}")
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (9, 1, 5, 19), (6, 4, 7, 33), (4, 3, 2, 48)],
+                         ids=lambda s: "T{}B{}D{}H{}".format(*s))
+def test_every_plan_matches_reference(monkeypatch, shape, plan, dtype):
+    T, B, D, H = shape
+    mode, n_workers, use_matvec = plan
+    if mode == "chunks":
+        n_workers = min(n_workers, B)
+    monkeypatch.setattr(nb, "_plan", lambda B, H, n_threads: (mode, n_workers, use_matvec))
+    args = make_problem(T, B, D, H, dtype, seed=T * B + H)
+    dy, dh_T, dc_T = make_upstream(T, B, H, dtype)
+    y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="numba", return_cache=True)
+    grads = fastlstm.lstm_backward(dy, cache, dh_T, dc_T)
+    assert_matches_reference((y, h_T, c_T), grads, *reference(args, dy, dh_T, dc_T), dtype)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_split_hidden_is_bit_identical_to_one_thread(monkeypatch, n_threads):
+    """Which thread computes a part never changes the arithmetic, so neither do the parts."""
+    args = make_problem(30, 1, 12, 70, np.float32, seed=5)
+    dy, dh_T, dc_T = make_upstream(30, 1, 70, np.float32)
+    results = []
+    for plan in [("chunks", 1, True), ("split_hidden", 2, True), ("split_hidden", 3, True)]:
+        monkeypatch.setattr(nb, "_plan", lambda B, H, n, plan=plan: plan)
+        fastlstm.set_num_threads(n_threads)
+        try:
+            y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="numba", return_cache=True)
+            results.append((y, h_T, c_T) + tuple(fastlstm.lstm_backward(dy, cache, dh_T, dc_T)))
+        finally:
+            fastlstm.set_num_threads(None)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_helping_with_every_part_gives_the_same_bits(monkeypatch):
+    """With no patience every waiting thread recomputes parts the other thread may still be
+    writing: the duplicates must write the same bits (step-unique storage, same code)."""
+    args = make_problem(40, 1, 9, 50, np.float32, seed=11)
+    dy, dh_T, dc_T = make_upstream(40, 1, 50, np.float32)
+    monkeypatch.setattr(nb, "_plan", lambda B, H, n: ("split_hidden", 2, True))
+    results = []
+    for patience in (nb.PATIENCE_CYCLES, -(10**12)):
+        monkeypatch.setattr(nb, "PATIENCE_CYCLES", patience)
+        for _ in range(3):
+            y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="numba", return_cache=True)
+            results.append((y, h_T, c_T) + tuple(fastlstm.lstm_backward(dy, cache, dh_T, dc_T)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_planner_choices(monkeypatch):
+    monkeypatch.setattr(nb, "_split_backoff", 0)
+    assert nb._plan(1, 256, 2)[0] == "split_hidden"
+    assert nb._plan(1, 256, 1) == ("chunks", 1, False)  # one row: BLAS forwards it to gemv
+    assert nb._plan(8, 512, 2) == ("chunks", 2, True)  # few rows, wide H: per-row matvec
+    assert nb._plan(64, 512, 2) == ("chunks", 2, False)
+    assert nb._plan(3, 8, 4)[:2] == ("chunks", 3)
+
+
+def test_absent_partner_backs_off_to_one_thread_for_a_while(monkeypatch):
+    monkeypatch.setattr(nb, "_split_backoff", 0)
+    nb._note_partner(np.array([50, 50]))
+    assert nb._plan(1, 256, 2)[0] == "split_hidden"
+    nb._note_partner(np.array([98, 2]))
+    plans = [nb._plan(1, 256, 2) for _ in range(nb.SPLIT_BACKOFF_CALLS + 1)]
+    assert plans[:-1] == [("chunks", 1, True)] * nb.SPLIT_BACKOFF_CALLS
+    assert plans[-1][0] == "split_hidden"
+    assert nb._plan(4, 256, 2)[0] == "chunks"
+
+
+def test_speed_rank_prefers_numba_over_the_reference():
+    for shape in [(100, 1, 64, 128), (100, 1, 256, 256), (50, 32, 128, 256),
+                  (100, 64, 512, 512), (20, 256, 256, 1024), (1, 1, 1, 1)]:
+        assert nb.speed_rank(*shape) > 0
+
+
+# --- threads ------------------------------------------------------------------------------
+
+def test_numba_thread_count_is_restored():
+    before = numba.get_num_threads()
+    args = make_problem(5, 4, 3, 8, np.float32)
+    fastlstm.set_num_threads(1)
+    try:
+        fastlstm.lstm_forward(**args, backend="numba")
+    finally:
+        fastlstm.set_num_threads(None)
+    assert numba.get_num_threads() == before
+
+
+def test_more_threads_than_numba_has_is_clamped():
+    args = make_problem(4, 3, 3, 5, np.float64)
+    fastlstm.set_num_threads(numba.config.NUMBA_NUM_THREADS + 3)
+    try:
+        y, _, _ = fastlstm.lstm_forward(**args, backend="numba")
+    finally:
+        fastlstm.set_num_threads(None)
+    np.testing.assert_allclose(y, fastlstm.lstm_forward(**as_float64(args), backend="numpy")[0],
+                               atol=1e-12)
+
+
+# --- compile caching and specialisations ------------------------------------------------------
+
+def dispatchers():
+    return [v for v in vars(nb).values() if isinstance(v, numba.core.registry.CPUDispatcher)]
+
+
+def test_every_kernel_caches_its_compilation():
+    found = dispatchers()
+    assert len(found) >= 10
+    for dispatcher in found:
+        assert type(dispatcher._cache).__name__ == "FunctionCache", dispatcher.py_func.__name__
+
+
+def test_fresh_process_loads_kernels_from_the_cache():
+    code = """
+        import numpy as np, fastlstm
+        from fastlstm._kernels import numba_backend as nb
+        x = np.ones((4, 1, 3), np.float32)
+        Wx, Wh, b = np.ones((3, 40), np.float32), np.ones((10, 40), np.float32), np.ones(40, np.float32)
+        fastlstm.lstm_forward(x, Wx, Wh, b, backend="numba")
+        d = nb._forward_batch_chunks
+        print(sum(d.stats.cache_misses.values()), sum(d.stats.cache_hits.values()))
+    """
+    run_in_fresh_process(code)  # fills the cache if it was empty
+    misses, hits = map(int, run_in_fresh_process(code).split())
+    assert misses == 0 and hits >= 1
+
+
+def test_read_only_inputs_add_no_specialisation():
+    args = make_problem(6, 3, 4, 5, np.float32, seed=2)
+    dy, dh_T, dc_T = make_upstream(6, 3, 5, np.float32)
+
+    def forward_backward(arrays, upstream):
+        y, h_T, c_T, cache = fastlstm.lstm_forward(**arrays, backend="numba", return_cache=True)
+        return (y, h_T, c_T) + tuple(fastlstm.lstm_backward(*upstream[:1], cache, *upstream[1:]))
+
+    want = forward_backward(args, (dy, dh_T, dc_T))
+    counts = {d.py_func.__name__: len(d.signatures) for d in dispatchers()}
+    read_only = {name: a.copy() for name, a in args.items()}
+    upstream = tuple(a.copy() for a in (dy, dh_T, dc_T))
+    for a in list(read_only.values()) + list(upstream):
+        a.flags.writeable = False
+    got = forward_backward(read_only, upstream)
+    assert {d.py_func.__name__: len(d.signatures) for d in dispatchers()} == counts
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- numerics through the whole kernel --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_saturated_inputs_give_no_nan(dtype):
+    args = make_problem(5, 2, 3, 20, dtype, seed=1, x_scale=1e4)
+    y, h_T, c_T = fastlstm.lstm_forward(**args, backend="numba")
+    ref = fastlstm.lstm_forward(**as_float64(args), backend="numpy")
+    assert np.isfinite(y).all()
+    for got, want in zip((y, h_T, c_T), ref):
+        np.testing.assert_allclose(got, want, atol=1e-5 if dtype == np.float32 else 1e-10)
