@@ -1,8 +1,9 @@
 """Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 chosen at run time.
 
 This module is the glue: it allocates outputs and scratch, packs the recurrent weights (Wh for
-the forward kernels, Wh.T for the backward's batch loop), holds BLAS to one thread while the kernels' own threads run (they call BLAS
-on their share of the work, DESIGN.md §6) and calls `_lstm_cython`.
+the forward kernels, Wh.T for the backward's batch loop), holds BLAS to one thread while the
+kernels' own threads run (they call BLAS on their share of the work, DESIGN.md §6) and calls
+`_lstm_cython`.
 """
 
 from typing import NamedTuple
