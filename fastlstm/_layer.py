@@ -9,28 +9,16 @@ no kernel change. Training (`LSTM.forward_train`, `LSTM.backward`) keeps each se
 steps go through a `fastlstm._step.StepKernel`.
 """
 
-import operator
 import sys
 import threading
 
 import numpy as np
 
 from . import _api, _backends, _interop, _persist, _step
+from ._validation import check_positive_int
 from .train import Gradients
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _check_positive_int(name, value):
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value}")
-    return value
 
 
 def _check_layer_dtype(dtype):
@@ -370,9 +358,9 @@ class LSTM:
         backend=None,
         dropout=0.0,
     ):
-        input_size = _check_positive_int("input_size", input_size)
-        H = _check_positive_int("hidden_size", hidden_size)
-        num_layers = _check_positive_int("num_layers", num_layers)
+        input_size = check_positive_int("input_size", input_size)
+        H = check_positive_int("hidden_size", hidden_size)
+        num_layers = check_positive_int("num_layers", num_layers)
         dtype = _check_layer_dtype(dtype)
         rng = np.random.default_rng(seed)
         bound = 1.0 / np.sqrt(H)
@@ -824,7 +812,7 @@ class LSTM:
                 "step() streams forward in time; a layer with a reverse direction needs the "
                 "whole sequence (call the layer on it instead)"
             )
-        B = _check_positive_int("batch_size", batch_size)
+        B = check_positive_int("batch_size", batch_size)
         shape = (self._num_layers, B, self._hidden_size)
         states = []
         for name, array in (("h0", h0), ("c0", c0)):

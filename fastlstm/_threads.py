@@ -8,11 +8,12 @@ OpenBLAS threads starving compiled kernels 13x on 2 cores.
 """
 
 import contextlib
-import operator
 import os
 import threading
 
 from threadpoolctl import ThreadpoolController
+
+from ._validation import check_positive_int
 
 _lock = threading.Lock()
 _num_threads = None
@@ -34,16 +35,7 @@ def set_num_threads(n):
     n : int >= 1, or None to go back to the default (the cores this process may run on).
     """
     global _num_threads
-    if n is not None:
-        try:
-            if isinstance(n, bool):
-                raise TypeError
-            n = operator.index(n)
-        except TypeError:
-            raise TypeError(f"n must be an int >= 1 or None, got {type(n).__name__}") from None
-        if n < 1:
-            raise ValueError(f"n must be an int >= 1 or None, got {n}")
-    _num_threads = n
+    _num_threads = None if n is None else check_positive_int("n", n)
 
 
 def get_num_threads():

@@ -3,9 +3,24 @@
 Every message names the argument and gives the expected and the actual shape or dtype.
 """
 
+import operator
+
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_positive_int(name, value):
+    """Require an integer >= 1 (any integer type, not bool); return it as an int."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return value
 
 
 def check_array(name, value, ndim):

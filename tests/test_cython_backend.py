@@ -39,16 +39,6 @@ def simd(request):
         _lstm_cython._set_simd(before)
 
 
-@pytest.fixture(params=[1, 2])
-def n_threads(request):
-    before = fastlstm.get_num_threads()
-    fastlstm.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        fastlstm.set_num_threads(before)
-
-
 @pytest.fixture(params=[0, 10**6], ids=["loop-tiles", "loop-matvec"])
 def min_rows_per_thread(request, monkeypatch):
     """Both kinds of time loop, whatever the batch size of the problem."""
