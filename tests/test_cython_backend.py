@@ -39,10 +39,10 @@ def simd(request):
         _lstm_cython._set_simd(before)
 
 
-@pytest.fixture(params=[0, 1000], ids=["loop-gemm", "loop-matvec"])
-def matvec_max_batch(request, monkeypatch):
+@pytest.fixture(params=[0, 10**6], ids=["loop-tiles", "loop-matvec"])
+def min_rows_per_thread(request, monkeypatch):
     """Both kinds of time loop, whatever the batch size of the problem."""
-    monkeypatch.setattr(cython_backend, "MATVEC_MAX_BATCH", request.param)
+    monkeypatch.setattr(cython_backend, "MIN_ROWS_PER_THREAD", request.param)
     return request.param
 
 
@@ -50,10 +50,10 @@ def matvec_max_batch(request, monkeypatch):
 @pytest.mark.parametrize(
     "shape",
     [(1, 1, 1, 1), (6, 1, 7, 13), (5, 3, 1, 17), (4, 2, 9, 1), (7, 5, 16, 33), (12, 1, 64, 128),
-     (300, 2, 4, 6), (3, 5, 7, 200)],
+     (300, 2, 4, 6), (3, 5, 7, 200), (3, 12, 5, 19), (4, 14, 6, 37)],
     ids=lambda s: "T{}B{}D{}H{}".format(*s),
 )
-def test_kernels_match_reference(shape, dtype, simd, n_threads, matvec_max_batch):
+def test_kernels_match_reference(shape, dtype, simd, n_threads, min_rows_per_thread):
     """Forward outputs and every gradient of both kernel builds against the float64 reference."""
     args = make_problem(*shape, dtype=dtype)
     dy, dh_T, dc_T = make_upstream(shape[0], shape[1], shape[3], dtype=dtype)
@@ -127,17 +127,34 @@ def test_nan_and_inf_inputs_propagate(dtype, simd):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [1, 3, 8, 13, 16, 37])
 def test_pack_layout(H, dtype):
-    """packed[blk, k, q, j] = Wh[k, q*H + blk*U + j], zero past H (U units per block)."""
+    """packed[blk, half, k, q2, j] = Wh[k, (2*half + q2)*H + blk*U + j], zero past H (U units per
+    block; half 0 holds gates i, f and half 1 gates o, g)."""
     rng = np.random.default_rng(H)
     Wh = rng.standard_normal((H, 4 * H)).astype(dtype)
     units = _lstm_cython.units_per_block(np.dtype(dtype).itemsize)
     n_blocks = -(-H // units)
     padded = np.zeros((H, 4, n_blocks * units), dtype)
     padded[:, :, :H] = Wh.reshape(H, 4, H)
-    expected = padded.reshape(H, 4, n_blocks, units).transpose(2, 0, 1, 3).ravel()
+    expected = padded.reshape(H, 2, 2, n_blocks, units).transpose(3, 1, 0, 2, 4).ravel()
     packed = cython_backend.pack(Wh)
     assert packed.packed.dtype == dtype
     np.testing.assert_array_equal(packed.packed, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [1, 3, 8, 13, 16, 37])
+def test_pack_transposed_layout(H, dtype):
+    """packed_t[blk, k, j] = Wh[blk*N + j, k], zero past H (N = 2U units per block)."""
+    rng = np.random.default_rng(H)
+    Wh = rng.standard_normal((H, 4 * H)).astype(dtype)
+    width = 2 * _lstm_cython.units_per_block(np.dtype(dtype).itemsize)
+    n_blocks = -(-H // width)
+    padded = np.zeros((n_blocks * width, 4 * H), dtype)
+    padded[:H] = Wh
+    expected = padded.reshape(n_blocks, width, 4 * H).transpose(0, 2, 1).ravel()
+    packed_t = np.empty(_lstm_cython.packed_transposed_size(H, np.dtype(dtype).itemsize), dtype)
+    _lstm_cython.pack_transposed_weights(Wh, packed_t)
+    np.testing.assert_array_equal(packed_t, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -14,7 +14,11 @@ Two ways through the time loops, chosen by the caller (``use_matvec``):
   is the cell's backward and dh = da @ Wh.T over Wh's natural rows. Each thread streams only its
   share of the weights, and nothing repacks them per step.
 - batch: the threads split the batch rows, which are independent over the whole sequence, and
-  each runs its own single-threaded gemm per step with no synchronisation at all.
+  run with no synchronisation at all. A step is register-blocked tiles (up to 6 rows x 2 vectors)
+  over the same packed weights (forward: the [i|f] and [o|g] panels of a block of units, then
+  the cell update of that tile while it is in L1; backward: Wh.T packed once per call), where a
+  gemm per step repacked Wh at every call (S3 forward, 1 thread, CPU time: 18.7 -> 15.5 ms;
+  forward+backward 56 -> 45 ms).
 The input projection ``x @ Wx`` and, in backward, dx, dWx and dWh are single large GEMMs
 outside the time loop, split across the threads.
 
@@ -73,6 +77,18 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
     void fastlstm_backward_dh_f64(const double *Wh, Py_ssize_t H, Py_ssize_t rows,
                                   const double *da, double *dh, Py_ssize_t j_begin,
                                   Py_ssize_t j_end)
+    void fastlstm_forward_tiles_f32(const float *packed, Py_ssize_t H, const float *h_prev,
+                                    float *gates, const float *c_prev, float *c, float *h,
+                                    float *tanh_c, Py_ssize_t row_begin, Py_ssize_t row_end,
+                                    Py_ssize_t blk_begin, Py_ssize_t blk_end)
+    void fastlstm_forward_tiles_f64(const double *packed, Py_ssize_t H, const double *h_prev,
+                                    double *gates, const double *c_prev, double *c, double *h,
+                                    double *tanh_c, Py_ssize_t row_begin, Py_ssize_t row_end,
+                                    Py_ssize_t blk_begin, Py_ssize_t blk_end)
+    void fastlstm_backward_dh_tiles_f32(const float *packed_t, Py_ssize_t H, const float *da,
+                                        float *dh, Py_ssize_t row_begin, Py_ssize_t row_end)
+    void fastlstm_backward_dh_tiles_f64(const double *packed_t, Py_ssize_t H, const double *da,
+                                        double *dh, Py_ssize_t row_begin, Py_ssize_t row_end)
 
 
 # ---- instruction set -------------------------------------------------------------------------
@@ -133,24 +149,55 @@ def packed_size(Py_ssize_t H, dtype_size):
 
 
 def pack_recurrent_weights(const floating[:, ::1] Wh, floating[::1] packed):
-    """Arrange Wh (H, 4H) for forward_step: per block of U hidden units, H rows of [i|f|o|g] x U.
+    """Arrange Wh (H, 4H) for the forward kernels: per block of U hidden units, a panel of H rows
+    of [i|f] x U, then a panel of H rows of [o|g] x U.
 
-    packed[((blk * H + k) * 4 + q) * U + j] = Wh[k, q * H + blk * U + j], 0 where that unit >= H.
+    packed[(((blk * 2 + half) * H + k) * 2 + q2) * U + j] = Wh[k, (2 * half + q2) * H + blk * U + j],
+    0 where that unit >= H.
     """
     cdef Py_ssize_t H = Wh.shape[0]
     cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
-    cdef Py_ssize_t blk, k, q, j, n
+    cdef Py_ssize_t blk, half, k, q, j, n
     cdef floating *out = &packed[0]
     with nogil:
         for blk in range(n_blocks):
             n = min(units, H - blk * units)
-            for k in range(H):
-                for q in range(4):
-                    memcpy(out, &Wh[k, q * H + blk * units], n * sizeof(floating))
-                    for j in range(n, units):
-                        out[j] = 0
-                    out += units
+            for half in range(2):
+                for k in range(H):
+                    for q in range(2 * half, 2 * half + 2):
+                        memcpy(out, &Wh[k, q * H + blk * units], n * sizeof(floating))
+                        for j in range(n, units):
+                            out[j] = 0
+                        out += units
+
+
+def packed_transposed_size(Py_ssize_t H, dtype_size):
+    """Number of elements `pack_transposed_weights` writes for hidden size H."""
+    cdef Py_ssize_t width = 2 * units_per_block(dtype_size)
+    return (H + width - 1) // width * width * 4 * H
+
+
+def pack_transposed_weights(const floating[:, ::1] Wh, floating[::1] packed_t):
+    """Arrange Wh.T (4H, H) for the backward tiles: per block of N = 2U hidden units j, 4H rows
+    of N values.
+
+    packed_t[(blk * 4H + k) * N + j] = Wh[blk * N + j, k], 0 where that unit >= H.
+    """
+    cdef Py_ssize_t H = Wh.shape[0], G = Wh.shape[1]
+    cdef Py_ssize_t width = 2 * (FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64)
+    cdef Py_ssize_t n_blocks = (H + width - 1) // width
+    cdef Py_ssize_t blk, k, j, n
+    cdef floating *out
+    with nogil:
+        for blk in range(n_blocks):
+            n = min(width, H - blk * width)
+            out = &packed_t[blk * G * width]
+            for k in range(G):
+                for j in range(n):
+                    out[k * width + j] = Wh[blk * width + j, k]
+                for j in range(n, width):
+                    out[k * width + j] = 0
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -226,13 +273,15 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
                 blk_end = n_blocks
 
 
-cdef void _forward_batch(const floating *Wh, const floating *h0, const floating *c0,
+cdef void _forward_batch(const floating *packed, const floating *h0, const floating *c0,
                          floating *gates, floating *y, floating *c_store, floating *tanh_c,
                          Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
                          int n_threads) noexcept nogil:
     """The time loop for batches: threads split the batch rows and never synchronise."""
-    cdef Py_ssize_t G = 4 * H
-    cdef Py_ssize_t row_begin, row_end, t, row, step
+    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t n_blocks = (H + units - 1) // units
+    cdef Py_ssize_t BH = B * H
+    cdef Py_ssize_t row_begin, row_end, t
     cdef const floating *h_prev
     cdef const floating *c_prev
     cdef floating *c
@@ -241,23 +290,17 @@ cdef void _forward_batch(const floating *Wh, const floating *h0, const floating 
         row_begin = _bound(B, fastlstm_team_size(), threadid(), 1)
         row_end = _bound(B, fastlstm_team_size(), threadid() + 1, 1)
         for t in range(T):
-            if row_end > row_begin:
-                step = t * B + row_begin
-                h_prev = h0 + row_begin * H if t == 0 else y + (step - B) * H
-                # gates[t, rows] += h_prev[rows] @ Wh
-                gemm(False, False, row_end - row_begin, G, H, 1, h_prev, H, Wh, G, 1,
-                     gates + step * G, G)
-            for row in range(row_begin, row_end):
-                step = t * B + row
-                c = c_store + (step * H if keep_history else row * H)
-                c_prev = (c0 + row * H if t == 0 else c - B * H) if keep_history else c
-                tc = tanh_c + step * H if keep_history else NULL
-                if floating is float:
-                    fastlstm_cell_update_f32(gates + step * G, H, c_prev, c, y + step * H, tc,
-                                             0, H)
-                else:
-                    fastlstm_cell_update_f64(gates + step * G, H, c_prev, c, y + step * H, tc,
-                                             0, H)
+            h_prev = h0 if t == 0 else y + (t - 1) * BH
+            c = c_store + t * BH if keep_history else c_store
+            c_prev = (c0 if t == 0 else c - BH) if keep_history else c
+            tc = tanh_c + t * BH if keep_history else NULL
+            # gates[t, rows] += h_prev[rows] @ Wh, then the cell update of those rows
+            if floating is float:
+                fastlstm_forward_tiles_f32(packed, H, h_prev, gates + t * B * 4 * H, c_prev, c,
+                                           y + t * BH, tc, row_begin, row_end, 0, n_blocks)
+            else:
+                fastlstm_forward_tiles_f64(packed, H, h_prev, gates + t * B * 4 * H, c_prev, c,
+                                           y + t * BH, tc, row_begin, row_end, 0, n_blocks)
 
 
 def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
@@ -268,7 +311,7 @@ def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floati
     """LSTM forward pass into preallocated arrays.
 
     Inputs: x (T, B, D), Wx (D, 4H), Wh (H, 4H), b (4H,), h0, c0 (B, H); packed: Wh arranged
-    by `pack_recurrent_weights` (read only with use_matvec).
+    by `pack_recurrent_weights`.
     Outputs: gates (T, B, 4H): the activated gates i, f, o, g; y (T, B, H);
     c_store: (T, B, H) cell states of every step, or (1, B, H) holding c0 on entry and c_T on
     exit when no history is kept; tanh_c: (T, B, H) tanh of every cell state, or an empty array
@@ -285,7 +328,7 @@ def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floati
                                 &y[0, 0, 0], &c_store[0, 0, 0], tanh_c_ptr, T, B, H,
                                 keep_history, n_threads)
         else:
-            _forward_batch(&Wh[0, 0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
+            _forward_batch(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
                            &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads)
 
 
@@ -342,7 +385,7 @@ cdef void _backward_matvec(const floating *Wh, const floating *c0, const floatin
                 fastlstm_backward_dh_f64(Wh, H, B, da + t * B * G, dh, u_begin, u_end)
 
 
-cdef void _backward_batch(const floating *Wh, const floating *c0, const floating *gates,
+cdef void _backward_batch(const floating *packed_t, const floating *c0, const floating *gates,
                           const floating *c_all, const floating *tanh_c, const floating *dy,
                           floating *da, floating *dh, floating *dc, Py_ssize_t T, Py_ssize_t B,
                           Py_ssize_t H, int n_threads) noexcept nogil:
@@ -363,10 +406,13 @@ cdef void _backward_batch(const floating *Wh, const floating *c0, const floating
                     fastlstm_backward_cell_f64(gates + step * G, H, _c_prev(c0, c_all, t, row, B, H),
                                                tanh_c + step * H, dy + step * H, dh + row * H,
                                                dc + row * H, da + step * G, 0, H)
-            if row_end > row_begin:
-                # dh[rows] = da[t, rows] @ Wh.T
-                gemm(False, True, row_end - row_begin, H, G, 1, da + (t * B + row_begin) * G, G,
-                     Wh, G, 0, dh + row_begin * H, H)
+            # dh[rows] = da[t, rows] @ Wh.T
+            if floating is float:
+                fastlstm_backward_dh_tiles_f32(packed_t, H, da + t * B * G, dh, row_begin,
+                                               row_end)
+            else:
+                fastlstm_backward_dh_tiles_f64(packed_t, H, da + t * B * G, dh, row_begin,
+                                               row_end)
 
 
 cdef void _weight_gradients(const floating *x, const floating *Wx, const floating *h0,
@@ -413,13 +459,15 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
              const floating[:, :, ::1] gates, const floating[:, :, ::1] c_all,
              const floating[:, :, ::1] tanh_c, floating[:, :, ::1] da, floating[:, ::1] dh,
              floating[:, ::1] dc, floating[:, :, ::1] dx, floating[:, ::1] dWx,
-             floating[:, ::1] dWh, floating[::1] db, bint use_matvec, int n_threads):
+             floating[:, ::1] dWh, floating[::1] db, const floating[::1] packed_t,
+             bint use_matvec, int n_threads):
     """LSTM backward pass (BPTT) into preallocated arrays.
 
     Inputs: dy (T, B, H); from the forward call x, Wx, Wh, h0, c0, y, gates, c_all (T, B, H)
     and tanh_c (T, B, H). In/out: dh, dc (B, H): dh_T, dc_T on entry, dh0, dc0 on exit.
     Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D),
-    dWx (D, 4H), dWh (H, 4H), db (4H,). Caller holds BLAS to one thread.
+    dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by `pack_transposed_weights`
+    (read only without use_matvec). Caller holds BLAS to one thread.
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = Wh.shape[0]
     with nogil:
@@ -428,7 +476,7 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                              &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
                              T, B, H, n_threads)
         else:
-            _backward_batch(&Wh[0, 0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
+            _backward_batch(&packed_t[0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
                             &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
                             T, B, H, n_threads)
         _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],

@@ -1,8 +1,9 @@
 """Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 chosen at run time.
 
-This module is the glue: it allocates outputs and scratch, packs the recurrent weights for the
-small-batch kernels, holds BLAS to one thread while the kernels' own threads run (they call BLAS
-on their share of the work, DESIGN.md §6) and calls `_lstm_cython`.
+This module is the glue: it allocates outputs and scratch, packs the recurrent weights (Wh for
+the forward kernels, Wh.T for the backward's batch loop), holds BLAS to one thread while the
+kernels' own threads run (they call BLAS on their share of the work, DESIGN.md §6) and calls
+`_lstm_cython`.
 """
 
 from typing import NamedTuple
@@ -13,15 +14,23 @@ from .. import _threads
 from .._backends import Backend
 from . import _lstm_cython
 
-#: Largest batch whose time loops run the fused kernels over packed weights, the threads
-#: splitting the hidden units; larger batches split their rows across the threads and call
-#: gemm per step. Measured, float32, one thread, min ms (forward): (T, B, D, H) = (100, 4, 256,
-#: 256) fused 5.5 vs gemm 12.2; (50, 32, 128, 256) 21 vs 18; (20, 256, 256, 1024) 932 vs 600.
-MATVEC_MAX_BATCH = 16
+#: Fewest batch rows per thread for the batch time loops (threads split the batch rows; tiles of
+#: up to 6 rows over the packed weights); smaller batches run the matvec loops (threads split the
+#: hidden units, a barrier per step). A thread's tile needs 4 rows (8 accumulators) to hide the
+#: FMA latency. Measured, float32, (T, D, H) = (50, 256, 256), one thread, median CPU ms,
+#: matvec vs tiles: forward B=2 1.61 vs 1.73, B=4 2.96 vs 2.57, B=16 13.4 vs 9.8, B=32 23.0 vs
+#: 19.7; forward+backward B=2 5.4 vs 4.9, B=4 9.7 vs 7.6, B=16 40.9 vs 28.0. (Two threads on
+#: the loaded machine: tiles never slower, B=16 forward 27 vs 16 ms.)
+MIN_ROWS_PER_THREAD = 4
+
+
+def use_matvec(B, n_threads):
+    """Whether a batch of B rows runs the matvec time loops on n_threads threads."""
+    return B < MIN_ROWS_PER_THREAD * n_threads
 
 
 class PackedWeights(NamedTuple):
-    """Recurrent weights arranged for the small-batch kernels, made once by `pack`.
+    """Recurrent weights arranged for the forward kernels, made once by `pack`.
 
     Wh : the (H, 4H) array it was made from; packed : the arrangement (1-D, Wh's dtype).
     """
@@ -31,11 +40,11 @@ class PackedWeights(NamedTuple):
 
 
 def pack(Wh):
-    """Arrange the recurrent weights Wh (H, 4H) for the small-batch forward kernel.
+    """Arrange the recurrent weights Wh (H, 4H) for the forward kernels.
 
     A layer that keeps its weights between calls packs them once and passes the result as
     ``forward(..., packed=...)`` (with that same Wh array; pack again after changing Wh),
-    otherwise every small-batch forward call packs them (S2: ~0.1 ms of the call's time).
+    otherwise every forward call packs them (S2: ~0.1 ms of the call's time, S5: ~5 ms).
     """
     Wh = np.ascontiguousarray(Wh)
     packed = np.empty(_lstm_cython.packed_size(Wh.shape[0], Wh.dtype.itemsize), Wh.dtype)
@@ -47,10 +56,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, packed=None):
     """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`."""
     T, B, _ = x.shape
     H = Wh.shape[0]
-    use_matvec = B <= MATVEC_MAX_BATCH
-    if not use_matvec:
-        packed_array = np.empty(0, x.dtype)
-    elif packed is not None and packed.Wh is Wh:
+    if packed is not None and packed.Wh is Wh:
         packed_array = packed.packed
     else:
         packed_array = pack(Wh).packed
@@ -64,7 +70,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, packed=None):
         tanh_c = np.empty((0, B, H), x.dtype)
     with _threads.blas_threads(1):
         _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y, c_store, tanh_c,
-                             use_matvec, n_threads)
+                             use_matvec(B, n_threads), n_threads)
     cache = (x, Wx, Wh, h0, c0, y, gates, c_store, tanh_c) if need_cache else None
     return y, y[-1].copy(), c_store[-1].copy(), cache
 
@@ -80,9 +86,16 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     dWx = np.empty_like(Wx)
     dWh = np.empty_like(Wh)
     db = np.empty(Wh.shape[1], x.dtype)
+    matvec = use_matvec(B, n_threads)
+    packed_t = np.empty(
+        0 if matvec else _lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize),
+        x.dtype,
+    )
+    if not matvec:
+        _lstm_cython.pack_transposed_weights(Wh, packed_t)
     with _threads.blas_threads(1):
         _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx,
-                              dWx, dWh, db, B <= MATVEC_MAX_BATCH, n_threads)
+                              dWx, dWh, db, packed_t, matvec, n_threads)
     return dx, dh, dc, dWx, dWh, db
 
 
@@ -94,13 +107,14 @@ def cells_from_cache(cache, c_T):
 def speed_rank(T, B, D, H):
     """Preference for backend=None (higher wins; numba's backend ranks 1, the reference 0).
 
-    Measured side by side (float32, 2 threads, median ms, each backend in its own process,
-    shared 2-core machine): at B = 1 this backend was faster, forward S1 0.29 vs numba 0.38 and
-    forward+backward S1 0.67 vs 2.07, S2 4.0 vs 8.5; at B >= 32 numba's forward was faster
-    (S3 11.0 vs 14, S5 319 vs 506) and forward+backward was mixed (S3 38 vs 44, S4 983 vs 544,
-    S5 1004 vs 1157). So: first choice for the small batches of the fused kernels only.
+    Measured side by side against the numba branch's backend (f32ccd1) in one process (float32,
+    median ms; one thread in CPU time, the machine being shared): forward S3 15.8 vs numba 18.6,
+    S4 278 vs 310, S5 595 vs 574, S1 0.44 vs 0.40, S2 2.08 vs 1.93; forward+backward S1 1.06 vs
+    1.10, S2 5.8 vs 5.7, S3 44.5 vs 56.1, S4 844 vs 931, S5 1718 vs 1818. Two threads (wall
+    time, loaded): forward S3 24 vs 32, S4 298 vs 352; forward+backward S1 1.09 vs 1.34, S2 3.2
+    vs 5.0, S3 26 vs 39, S4 699 vs 960. So: first choice at every shape.
     """
-    return 2.0 if B <= MATVEC_MAX_BATCH else 0.9
+    return 2.0
 
 
 BACKEND = Backend("cython", forward, backward, speed_rank)

@@ -141,6 +141,10 @@ static int fastlstm_set_simd(int wanted)
 #define fastlstm_backward_cell_f64 FASTLSTM_PICK(backward_cell, f64)
 #define fastlstm_backward_dh_f32 FASTLSTM_PICK(backward_dh, f32)
 #define fastlstm_backward_dh_f64 FASTLSTM_PICK(backward_dh, f64)
+#define fastlstm_forward_tiles_f32 FASTLSTM_PICK(forward_tiles, f32)
+#define fastlstm_forward_tiles_f64 FASTLSTM_PICK(forward_tiles, f64)
+#define fastlstm_backward_dh_tiles_f32 FASTLSTM_PICK(backward_dh_tiles, f32)
+#define fastlstm_backward_dh_tiles_f64 FASTLSTM_PICK(backward_dh_tiles, f64)
 
 /* ---- threads ---- */
 static int fastlstm_team_size(void)

@@ -66,17 +66,18 @@ KERNEL_ATTR static inline VEC SUFFIX(vexp)(VEC x)
     return p * (VEC)two_to_n;
 }
 
-/* exp(x) for every x: vexp inside [-EXP_CLAMP, EXP_CLAMP], +inf above, 0 below (so that
- * σ(±inf) and tanh(±inf) come out exactly 1, 0, ±1), NaN for NaN. */
+/* exp(x) for every x: vexp of x clamped to [-EXP_CLAMP, EXP_CLAMP], and +inf above the clamp, so
+ * that σ(-inf) = 1 / (1 + inf) and tanh(+inf) come out exactly 0 and 1. Below the clamp,
+ * exp(-EXP_CLAMP) (1.6e-38 for float, a normal number) stands in for smaller values: σ(+inf) =
+ * 1 / (1 + 1.6e-38) and tanh(-inf) = 1 - 2 / (1 + 1.6e-38) still round to exactly 1 and -1.
+ * NaN fails both comparisons and stays NaN through vexp. (2 comparisons and 3 selects: with a
+ * third comparison for NaN and selects on every side, sigmoid took ~15% longer.) */
 KERNEL_ATTR static inline VEC SUFFIX(vexp_saturating)(VEC x)
 {
-    const VEC bound = SUFFIX(vbroadcast)(EXP_CLAMP), zero = SUFFIX(vbroadcast)(0);
-    IVEC above = (IVEC)(x > bound), below = (IVEC)(x < -bound), nan = (IVEC)(x != x);
-    VEC inside = SUFFIX(vselect)(above | below | nan, zero, x);
-    VEC e = SUFFIX(vexp)(inside);
-    e = SUFFIX(vselect)(above, SUFFIX(vbroadcast)((REAL)__builtin_inf()), e);
-    e = SUFFIX(vselect)(below, zero, e);
-    return SUFFIX(vselect)(nan, x, e);
+    const VEC bound = SUFFIX(vbroadcast)(EXP_CLAMP);
+    IVEC above = (IVEC)(x > bound), below = (IVEC)(x < -bound);
+    VEC inside = SUFFIX(vselect)(below, -bound, SUFFIX(vselect)(above, bound, x));
+    return SUFFIX(vselect)(above, SUFFIX(vbroadcast)((REAL)__builtin_inf()), SUFFIX(vexp)(inside));
 }
 
 /* σ(x) = 1 / (1 + exp(-x)) */
@@ -177,19 +178,20 @@ KERNEL_ATTR static inline void SUFFIX(add_to_gates)(VEC acc_i, VEC acc_f, VEC ac
     }
 }
 
-/* Rows r, r+1:  gates[row, q·H + u + j] += Σ_{k0 <= k < k1} h_prev[row, k] · w[k][q][j].
+/* Rows r, r+1:  gates[row, q·H + u + j] += Σ_{k0 <= k < k1} h_prev[row, k] · w[k][q][j], where
+ * w[k][i|f] lies in the block's panel w_if and w[k][o|g] in w_og (see forward_step).
  * The two rows share each weight load: 8 FMAs per 4 loads. */
-KERNEL_ATTR static inline void SUFFIX(accumulate_two_rows)(const REAL *w, const REAL *ha,
-                                                           const REAL *hb, Py_ssize_t k0,
-                                                           Py_ssize_t k1, REAL *gates_a,
-                                                           REAL *gates_b, Py_ssize_t H,
-                                                           Py_ssize_t u, Py_ssize_t n)
+KERNEL_ATTR static inline void SUFFIX(accumulate_two_rows)(const REAL *w_if, const REAL *w_og,
+                                                           const REAL *ha, const REAL *hb,
+                                                           Py_ssize_t k0, Py_ssize_t k1,
+                                                           REAL *gates_a, REAL *gates_b,
+                                                           Py_ssize_t H, Py_ssize_t u,
+                                                           Py_ssize_t n)
 {
     VEC ia = {0}, fa = {0}, oa = {0}, ga = {0}, ib = {0}, fb = {0}, ob = {0}, gb = {0};
-    w += k0 * 4 * LANES;
-    for (Py_ssize_t k = k0; k < k1; k++, w += 4 * LANES) {
-        VEC wi = SUFFIX(vload)(w), wf = SUFFIX(vload)(w + LANES);
-        VEC wo = SUFFIX(vload)(w + 2 * LANES), wg = SUFFIX(vload)(w + 3 * LANES);
+    for (Py_ssize_t k = k0; k < k1; k++) {
+        VEC wi = SUFFIX(vload)(w_if + 2 * LANES * k), wf = SUFFIX(vload)(w_if + 2 * LANES * k + LANES);
+        VEC wo = SUFFIX(vload)(w_og + 2 * LANES * k), wg = SUFFIX(vload)(w_og + 2 * LANES * k + LANES);
         VEC a = SUFFIX(vbroadcast)(ha[k]), b = SUFFIX(vbroadcast)(hb[k]);
         ia += a * wi;
         fa += a * wf;
@@ -205,31 +207,33 @@ KERNEL_ATTR static inline void SUFFIX(accumulate_two_rows)(const REAL *w, const 
 }
 
 /* One row: the same sum with k split into even and odd halves, for 8 independent chains. */
-KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w, const REAL *hr,
-                                                          Py_ssize_t k0, Py_ssize_t k1,
-                                                          REAL *gates_r, Py_ssize_t H,
-                                                          Py_ssize_t u, Py_ssize_t n)
+KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w_if, const REAL *w_og,
+                                                          const REAL *hr, Py_ssize_t k0,
+                                                          Py_ssize_t k1, REAL *gates_r,
+                                                          Py_ssize_t H, Py_ssize_t u,
+                                                          Py_ssize_t n)
 {
     VEC ie = {0}, fe = {0}, oe = {0}, ge = {0}, io = {0}, fo = {0}, oo = {0}, go = {0};
     Py_ssize_t k = k0;
-    w += k0 * 4 * LANES;
-    for (; k + 2 <= k1; k += 2, w += 8 * LANES) {
+    for (; k + 2 <= k1; k += 2) {
+        const REAL *a_if = w_if + 2 * LANES * k, *a_og = w_og + 2 * LANES * k;
         VEC a = SUFFIX(vbroadcast)(hr[k]), b = SUFFIX(vbroadcast)(hr[k + 1]);
-        ie += a * SUFFIX(vload)(w);
-        fe += a * SUFFIX(vload)(w + LANES);
-        oe += a * SUFFIX(vload)(w + 2 * LANES);
-        ge += a * SUFFIX(vload)(w + 3 * LANES);
-        io += b * SUFFIX(vload)(w + 4 * LANES);
-        fo += b * SUFFIX(vload)(w + 5 * LANES);
-        oo += b * SUFFIX(vload)(w + 6 * LANES);
-        go += b * SUFFIX(vload)(w + 7 * LANES);
+        ie += a * SUFFIX(vload)(a_if);
+        fe += a * SUFFIX(vload)(a_if + LANES);
+        oe += a * SUFFIX(vload)(a_og);
+        ge += a * SUFFIX(vload)(a_og + LANES);
+        io += b * SUFFIX(vload)(a_if + 2 * LANES);
+        fo += b * SUFFIX(vload)(a_if + 3 * LANES);
+        oo += b * SUFFIX(vload)(a_og + 2 * LANES);
+        go += b * SUFFIX(vload)(a_og + 3 * LANES);
     }
     if (k < k1) {
+        const REAL *a_if = w_if + 2 * LANES * k, *a_og = w_og + 2 * LANES * k;
         VEC a = SUFFIX(vbroadcast)(hr[k]);
-        ie += a * SUFFIX(vload)(w);
-        fe += a * SUFFIX(vload)(w + LANES);
-        oe += a * SUFFIX(vload)(w + 2 * LANES);
-        ge += a * SUFFIX(vload)(w + 3 * LANES);
+        ie += a * SUFFIX(vload)(a_if);
+        fe += a * SUFFIX(vload)(a_if + LANES);
+        oe += a * SUFFIX(vload)(a_og);
+        ge += a * SUFFIX(vload)(a_og + LANES);
     }
     SUFFIX(add_to_gates)(ie + io, fe + fo, oe + oo, ge + go, gates_r, H, u, n);
 }
@@ -241,10 +245,10 @@ KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w, const R
 /* One forward step for the hidden-unit blocks [blk_begin, blk_end) of `rows` batch rows:
  *   gates[r, q·H + u] += Σ_k h_prev[r, k] · Wh[k, q·H + u]      (gates += h_prev @ Wh)
  * then the cell update of those units. Row r of every array starts at r·H (r·4H for gates).
- * `packed` is Wh arranged by pack_recurrent_weights: per block of LANES units, H rows of
- * [i|f|o|g] × LANES (zero past H), so the k loop streams one contiguous run, in passes of KC
- * values of k. Accumulators are named variables (an accumulator array went to the stack with
- * gcc, DESIGN.md §6). */
+ * `packed` is Wh arranged by pack_recurrent_weights: per block of LANES units, a panel of H rows
+ * of [i|f] × LANES, then one of [o|g] × LANES (zero past H), so each k loop streams contiguous
+ * runs, in passes of KC values of k. Accumulators are named variables (an accumulator array
+ * went to the stack with gcc, DESIGN.md §6). */
 KERNEL_ATTR static void SUFFIX(forward_step)(const REAL *packed, Py_ssize_t H, Py_ssize_t rows,
                                              const REAL *h_prev, REAL *gates, const REAL *c_prev,
                                              REAL *c, REAL *h, REAL *tanh_c,
@@ -252,17 +256,18 @@ KERNEL_ATTR static void SUFFIX(forward_step)(const REAL *packed, Py_ssize_t H, P
 {
     const Py_ssize_t G = 4 * H;
     for (Py_ssize_t blk = blk_begin; blk < blk_end; blk++) {
-        const REAL *w = packed + blk * H * 4 * LANES;
+        const REAL *w_if = packed + blk * H * 4 * LANES, *w_og = w_if + H * 2 * LANES;
         Py_ssize_t u = blk * LANES;
         Py_ssize_t n = H - u < LANES ? H - u : LANES;
         for (Py_ssize_t k0 = 0; k0 < H; k0 += KC) {
             Py_ssize_t k1 = k0 + KC < H ? k0 + KC : H;
             Py_ssize_t r = 0;
             for (; r + 2 <= rows; r += 2)
-                SUFFIX(accumulate_two_rows)(w, h_prev + r * H, h_prev + (r + 1) * H, k0, k1,
-                                            gates + r * G, gates + (r + 1) * G, H, u, n);
+                SUFFIX(accumulate_two_rows)(w_if, w_og, h_prev + r * H, h_prev + (r + 1) * H,
+                                            k0, k1, gates + r * G, gates + (r + 1) * G, H, u, n);
             if (r < rows)
-                SUFFIX(accumulate_one_row)(w, h_prev + r * H, k0, k1, gates + r * G, H, u, n);
+                SUFFIX(accumulate_one_row)(w_if, w_og, h_prev + r * H, k0, k1, gates + r * G, H,
+                                           u, n);
         }
         for (Py_ssize_t r = 0; r < rows; r++)
             SUFFIX(cell_update)(gates + r * G, H, c_prev + r * H, c + r * H, h + r * H,
@@ -271,6 +276,135 @@ KERNEL_ATTR static void SUFFIX(forward_step)(const REAL *packed, Py_ssize_t H, P
 }
 
 #undef KC
+
+/* ---- register-blocked tiles for batches ----
+ * The batch time loops compute C (rows × n) (+)= A (rows × K) @ P (K × n) for a new A every step
+ * (h_{t-1} forward, da_t backward) against the same weights P. P is packed ONCE per call into
+ * panels of K rows × 2·LANES columns, and a tile of up to TILE_ROWS rows × one panel keeps its
+ * 2·TILE_ROWS accumulators in registers for the whole k loop: per k, 2 weight loads and
+ * TILE_ROWS broadcasts of A feed 2·TILE_ROWS FMAs. 6 rows: 12 accumulators + 2 weights + 1
+ * broadcast = 15 of AVX2's 16 registers. (OpenBLAS sgemm per step repacked Wh at every call:
+ * 24% of S3's time.) */
+#define TILE_ROWS 6
+
+/* p[0:n] (+)= v[0:n], n <= 0 writing nothing: the panel's columns past the matrix's end */
+KERNEL_ATTR static inline void SUFFIX(store_partial)(REAL *p, VEC v, Py_ssize_t n, int accumulate)
+{
+    if (n >= LANES) {
+        SUFFIX(vstore)(p, accumulate ? SUFFIX(vload)(p) + v : v);
+        return;
+    }
+    for (Py_ssize_t j = 0; j < n; j++)
+        p[j] = accumulate ? p[j] + v[j] : v[j];
+}
+
+/* For rows r < mr (mr a compile-time constant once inlined, 1 <= mr <= TILE_ROWS):
+ *   c_lo[r·ldc + j] (+)= Σ_k a[r·lda + k] · panel[k·2·LANES + j]            j < n_lo
+ *   c_hi[r·ldc + j] (+)= Σ_k a[r·lda + k] · panel[k·2·LANES + LANES + j]    j < n_hi
+ * "+=" when accumulate. Accumulators are named variables, not an array (gcc kept an array of
+ * vectors on the stack, 2-3x slower, DESIGN.md §6). */
+KERNEL_ATTR static inline __attribute__((always_inline)) void SUFFIX(tile)(
+    const int mr, Py_ssize_t K, const REAL *a, Py_ssize_t lda, const REAL *panel, REAL *c_lo,
+    Py_ssize_t n_lo, REAL *c_hi, Py_ssize_t n_hi, Py_ssize_t ldc, int accumulate)
+{
+    VEC lo0 = {0}, hi0 = {0}, lo1 = {0}, hi1 = {0}, lo2 = {0}, hi2 = {0};
+    VEC lo3 = {0}, hi3 = {0}, lo4 = {0}, hi4 = {0}, lo5 = {0}, hi5 = {0};
+    const REAL *a0 = a, *a1 = a0 + (mr > 1 ? lda : 0), *a2 = a0 + (mr > 2 ? 2 * lda : 0);
+    const REAL *a3 = a0 + (mr > 3 ? 3 * lda : 0), *a4 = a0 + (mr > 4 ? 4 * lda : 0);
+    const REAL *a5 = a0 + (mr > 5 ? 5 * lda : 0);
+    for (Py_ssize_t k = 0; k < K; k++, panel += 2 * LANES) {
+        VEC w_lo = SUFFIX(vload)(panel), w_hi = SUFFIX(vload)(panel + LANES);
+#define TILE_ROW(r)                                                                              \
+    if (mr > r) {                                                                                \
+        VEC s = SUFFIX(vbroadcast)(a##r[k]);                                                     \
+        lo##r += s * w_lo;                                                                       \
+        hi##r += s * w_hi;                                                                       \
+    }
+        TILE_ROW(0) TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5)
+#undef TILE_ROW
+    }
+#define TILE_STORE(r)                                                                            \
+    if (mr > r) {                                                                                \
+        SUFFIX(store_partial)(c_lo + r * ldc, lo##r, n_lo, accumulate);                          \
+        SUFFIX(store_partial)(c_hi + r * ldc, hi##r, n_hi, accumulate);                          \
+    }
+    TILE_STORE(0) TILE_STORE(1) TILE_STORE(2) TILE_STORE(3) TILE_STORE(4) TILE_STORE(5)
+#undef TILE_STORE
+}
+
+/* tile() for a run-time mr: one register-resident instance per row count */
+KERNEL_ATTR static void SUFFIX(gemm_tile)(int mr, Py_ssize_t K, const REAL *a, Py_ssize_t lda,
+                                          const REAL *panel, REAL *c_lo, Py_ssize_t n_lo,
+                                          REAL *c_hi, Py_ssize_t n_hi, Py_ssize_t ldc,
+                                          int accumulate)
+{
+    switch (mr) {
+#define TILE_CASE(m)                                                                             \
+    case m:                                                                                      \
+        SUFFIX(tile)(m, K, a, lda, panel, c_lo, n_lo, c_hi, n_hi, ldc, accumulate);              \
+        break;
+        TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
+#undef TILE_CASE
+    }
+}
+
+/* Rows of the next tile when `rows` rows are left: the rows spread evenly over the fewest tiles
+ * (32 rows: 6,6,5,5,5,5 rather than 6,6,6,6,6,2, whose 2-row tile has too few accumulators to
+ * hide the FMA latency). */
+static inline int SUFFIX(next_tile_rows)(Py_ssize_t rows)
+{
+    Py_ssize_t tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
+    return (int)((rows + tiles - 1) / tiles);
+}
+
+/* One forward step of rows [row_begin, row_end) and hidden-unit blocks [blk_begin, blk_end):
+ *   gates[r, q·H + u] += Σ_k h_prev[r, k] · Wh[k, q·H + u]      (gates += h_prev @ Wh)
+ * then the cell update (cell_update) of those rows and units, on each tile while it is in L1.
+ * Arrays as in forward_step; `packed` from pack_recurrent_weights, whose [i|f] and [o|g] panels
+ * of a block are the two tiles of its units. */
+KERNEL_ATTR static void SUFFIX(forward_tiles)(const REAL *packed, Py_ssize_t H,
+                                              const REAL *h_prev, REAL *gates,
+                                              const REAL *c_prev, REAL *c, REAL *h,
+                                              REAL *tanh_c, Py_ssize_t row_begin,
+                                              Py_ssize_t row_end, Py_ssize_t blk_begin,
+                                              Py_ssize_t blk_end)
+{
+    const Py_ssize_t G = 4 * H;
+    for (Py_ssize_t blk = blk_begin; blk < blk_end; blk++) {
+        const REAL *w_if = packed + blk * H * 4 * LANES, *w_og = w_if + H * 2 * LANES;
+        Py_ssize_t u = blk * LANES;
+        Py_ssize_t n = H - u < LANES ? H - u : LANES;
+        for (Py_ssize_t r = row_begin; r < row_end;) {
+            int mr = SUFFIX(next_tile_rows)(row_end - r);
+            REAL *g = gates + r * G + u;
+            SUFFIX(gemm_tile)(mr, H, h_prev + r * H, H, w_if, g, n, g + H, n, G, 1);
+            SUFFIX(gemm_tile)(mr, H, h_prev + r * H, H, w_og, g + 2 * H, n, g + 3 * H, n, G, 1);
+            for (Py_ssize_t row = r; row < r + mr; row++)
+                SUFFIX(cell_update)(gates + row * G, H, c_prev + row * H, c + row * H,
+                                    h + row * H, tanh_c ? tanh_c + row * H : NULL, u, u + n);
+            r += mr;
+        }
+    }
+}
+
+/* dh[r, j] = Σ_k da[r, k] · Wh[j, k] (dh = da @ Wh.T, k < 4H) for rows [row_begin, row_end) and
+ * all j. `packed_t` is Wh.T arranged by pack_transposed_weights: per block of 2·LANES hidden
+ * units, 4H rows of 2·LANES values (zero past H); each block is one tile wide. */
+KERNEL_ATTR static void SUFFIX(backward_dh_tiles)(const REAL *packed_t, Py_ssize_t H,
+                                                  const REAL *da, REAL *dh,
+                                                  Py_ssize_t row_begin, Py_ssize_t row_end)
+{
+    const Py_ssize_t G = 4 * H;
+    for (Py_ssize_t j = 0; j < H; j += 2 * LANES) {
+        const REAL *panel = packed_t + j * G;
+        for (Py_ssize_t r = row_begin; r < row_end;) {
+            int mr = SUFFIX(next_tile_rows)(row_end - r);
+            SUFFIX(gemm_tile)(mr, G, da + r * G, G, panel, dh + r * H + j, H - j,
+                              dh + r * H + j + LANES, H - j - LANES, H, 0);
+            r += mr;
+        }
+    }
+}
 
 /* Backward through the cell for hidden units [u_begin, u_end) of one row at step t:
  *   dh_t = dy + dh (dh: the gradient from step t+1),  dc_t = dc + dh_t·o·(1 - tanh_c²)
@@ -417,5 +551,6 @@ KERNEL_ATTR static void SUFFIX(backward_dh)(const REAL *Wh, Py_ssize_t H, Py_ssi
 
 #undef KC
 
+#undef TILE_ROWS
 #undef VEC
 #undef IVEC
