@@ -1,8 +1,17 @@
-"""Time the registry's implementations side by side, in one process and one run."""
+"""Time the registry's implementations side by side in one run.
+
+Each implementation times each operation in a worker process of its own (``python -m
+fastlstm._bench.runner``), all on the same inputs, one worker after another. In one shared
+process the idle thread pools of whatever ran before (OpenBLAS, OpenMP, ONNX Runtime) slowed
+what ran next: torch's streaming step at S3 measured 24 ms after the other implementations
+and 0.26 ms on its own, on 2 idle cores.
+"""
 
 import contextlib
 import gc
+import json
 import statistics
+import subprocess
 import sys
 import time
 from typing import NamedTuple
@@ -101,25 +110,69 @@ def plan(shapes, impl_names, ops, dtype):
     return runnable, skipped
 
 
+def time_in_this_process(impl_name, op, shapes, dtype, n_threads, budget):
+    """Yield (shape name, seconds of each call) for every shape, timed here."""
+    if impl_name == "torch":
+        import torch  # noqa: F401  (loaded before fixed_threads so that its pool is pinned)
+    with fixed_threads(n_threads):
+        for shape in shapes:
+            problem = make_problem(shape, dtype)
+            prepared = IMPLEMENTATIONS[impl_name].prepare(op, problem, n_threads)
+            # A fresh process runs its first calls slower (page faults, thread pools waking,
+            # caches); warm up for half the budget, untimed.
+            time_calls(prepared.call, budget._replace(min_reps=1, min_seconds=budget.min_seconds / 2))
+            yield shape.name, time_calls(prepared.call, budget)
+
+
+def _time_in_worker(impl_name, op, shapes, dtype, n_threads, budget):
+    """Like `time_in_this_process`, in a fresh worker process."""
+    request = {"impl": impl_name, "op": op, "shapes": [list(shape) for shape in shapes],
+               "dtype": str(dtype), "threads": n_threads, "budget": list(budget)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "fastlstm._bench.runner", json.dumps(request)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in worker.stdout:
+        result = json.loads(line)
+        yield result["shape"], result["times"]
+    if worker.wait() != 0:
+        raise RuntimeError(f"benchmark worker for {impl_name} {op} failed:\n"
+                           + worker.stderr.read()[-3000:])
+
+
 def run(shapes, impl_names, ops, dtype, n_threads, budget, progress=None):
     """Time every runnable triple; returns (entries, skipped, peak GFLOP/s).
 
     ``progress(done, total, label)`` is called before each entry.
     """
     runnable, skipped = plan(shapes, impl_names, ops, dtype)
-    if any(name == "torch" for _, _, name in runnable):
-        import torch  # noqa: F401  (loaded before fixed_threads so that its pool is pinned)
     peak = gemm_peak_gflops(dtype, n_threads, budget)
-    problems = {}
-    entries = []
-    with fixed_threads(n_threads):
-        for done, (op, shape, name) in enumerate(runnable):
+    times = {}
+    for name in impl_names:
+        for op in ops:
+            group = [shape for o, shape, n in runnable if (o, n) == (op, name)]
+            if not group:
+                continue
             if progress:
-                progress(done, len(runnable), f"{op}|{shape.name} {name}")
-            if shape.name not in problems:
-                problems[shape.name] = make_problem(shape, dtype)
-            prepared = IMPLEMENTATIONS[name].prepare(op, problems[shape.name], n_threads)
-            entries.append(Entry(op, shape.name, name, time_calls(prepared.call, budget)))
-    if progress:
-        progress(len(runnable), len(runnable), "done")
+                progress(len(times), len(runnable), f"{op}|{group[0].name} {name}")
+            for shape_name, seconds in _time_in_worker(name, op, group, dtype, n_threads, budget):
+                times[op, shape_name, name] = seconds
+                if progress:
+                    progress(len(times), len(runnable), f"{op}|{shape_name} {name}")
+    entries = [Entry(op, shape.name, name, times[op, shape.name, name])
+               for op, shape, name in runnable]
     return entries, skipped, peak
+
+
+def _worker_main(request):
+    from .problems import Shape
+
+    for shape_name, seconds in time_in_this_process(
+        request["impl"], request["op"], [Shape(*s) for s in request["shapes"]],
+        np.dtype(request["dtype"]), request["threads"], Budget(*request["budget"]),
+    ):
+        print(json.dumps({"shape": shape_name, "times": seconds}), flush=True)
+
+
+if __name__ == "__main__":
+    _worker_main(json.loads(sys.argv[1]))
