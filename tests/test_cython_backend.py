@@ -6,13 +6,12 @@ kernels; here the portable build runs through the same comparison with the refer
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import fastlstm
+from fresh_python import run_python
 from lstm_data import as_float64, make_problem, make_upstream
 
 if "cython" not in fastlstm.available_backends():
@@ -206,11 +205,7 @@ print("ok")
 def test_floating_point_state_survives_import_and_calls():
     """No flush-to-zero or denormals-are-zero after import fastlstm and after cython calls
     (DESIGN.md §6: a -ffast-math link flushes denormals for the whole process)."""
-    result = subprocess.run(
-        [sys.executable, "-c", DENORMAL_CHECK], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert run_python(DENORMAL_CHECK).stdout.strip() == "ok"
 
 
 def test_denormal_inputs_stay_denormal_in_process():
@@ -224,11 +219,7 @@ def test_denormal_inputs_stay_denormal_in_process():
 def test_environment_variable_disables_simd():
     code = "from fastlstm._kernels import _lstm_cython as k; print(k.simd_active())"
     env = dict(os.environ, FASTLSTM_DISABLE_SIMD="1")
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert run_python(code, env=env).stdout.strip() == "False"
 
 
 def test_simd_default_follows_cpu():

@@ -5,9 +5,6 @@ specialisations.
 The generic forward/gradient checks against the reference are in test_backends.py.
 """
 
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -19,15 +16,13 @@ if "numba" not in fastlstm.available_backends():
     pytest.skip("numba backend not available", allow_module_level=True)
 
 from fastlstm._kernels import numba_backend as nb  # noqa: E402
+from fresh_python import run_python
 from lstm_data import as_float64, make_problem, make_upstream  # noqa: E402
 from test_backends import assert_matches_reference, reference  # noqa: E402
 
 
 def run_in_fresh_process(code):
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().splitlines()[-1]
+    return run_python(code).stdout.strip().splitlines()[-1]
 
 
 # --- threading layer --------------------------------------------------------------------------

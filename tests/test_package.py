@@ -1,13 +1,11 @@
 """Package-level behaviour: import, backend discovery, command line, floating-point state."""
 
 import importlib.metadata
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 
 import fastlstm
+from fresh_python import run_python
 from lstm_data import make_problem
 
 
@@ -20,13 +18,6 @@ def test_available_backends_order():
     assert backends[0] == "numpy"
     order = ("numpy", "numba", "cython")
     assert list(backends) == [name for name in order if name in backends]
-
-
-def run_python(code):
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def test_imports_and_says_so_without_compiled_extensions():
@@ -47,17 +38,15 @@ def test_imports_and_says_so_without_compiled_extensions():
         y, h, c = fastlstm.lstm_forward(np.ones((2, 1, 3)), np.ones((3, 8)), np.ones((2, 8)), np.ones(8))
         assert y.shape == (2, 1, 2)
         print("\\n".join(describe()))
-    """)
+    """).stdout
     assert "cython: unavailable (ImportError" in out
     assert "compiled extensions: missing" in out
 
 
 def test_command_line_info():
-    result = subprocess.run([sys.executable, "-m", "fastlstm"], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    result = run_python(["-m", "fastlstm"])
     assert f"fastlstm {fastlstm.__version__}" in result.stdout
-    assert "available backends: numpy" in result.stdout
+    assert f"available backends: {', '.join(fastlstm.available_backends())}" in result.stdout
     assert "threads:" in result.stdout
 
 

@@ -10,9 +10,11 @@ and 0.26 ms on its own, on 2 idle cores.
 import contextlib
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -128,9 +130,15 @@ def _time_in_worker(impl_name, op, shapes, dtype, n_threads, budget):
     """Like `time_in_this_process`, in a fresh worker process."""
     request = {"impl": impl_name, "op": op, "shapes": [list(shape) for shape in shapes],
                "dtype": str(dtype), "threads": n_threads, "budget": list(budget)}
+    # The worker must import this very fastlstm: ``-m`` would put the working directory first
+    # on sys.path, where a repository checkout holds an uncompiled source tree.
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
     worker = subprocess.Popen(
         [sys.executable, "-m", "fastlstm._bench.runner", json.dumps(request)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=tempfile.gettempdir(),
     )
     for line in worker.stdout:
         result = json.loads(line)
