@@ -59,3 +59,16 @@ def test_onnx_graph_declares_our_weights():
     H = problem.Wh.shape[0]
     assert weights["W"].shape == (1, 4 * H, problem.Wx.shape[0])
     np.testing.assert_array_equal(weights["R"][0, H:2 * H], problem.Wh[:, 2 * H:3 * H].T)  # o
+
+
+def test_missing_peer_is_reported_not_installed(monkeypatch):
+    import importlib.util
+
+    from fastlstm._bench import runner
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    assert IMPLEMENTATIONS["torch"].missing() == "not installed (torch)"
+    runnable, skipped = runner.plan([], ["numpy", "torch"], ["fwd"], "float32")
+    assert skipped == {"torch": "not installed (torch)"}

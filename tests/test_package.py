@@ -1,6 +1,7 @@
 """Package-level behaviour: import, backend discovery, command line, floating-point state."""
 
 import importlib.metadata
+import re
 
 import numpy as np
 
@@ -57,3 +58,25 @@ def test_denormals_survive_import_and_every_backend():
         fastlstm.lstm_forward(**args, backend=backend)
         assert np.float32(1e-45) * np.float32(1.0) != 0, backend
         assert np.float64(5e-324) * 1.0 != 0, backend
+
+
+def test_command_line_bench_writes_the_report(tmp_path):
+    out = tmp_path / "report"
+    args = ["-m", "fastlstm", "bench", "--quick", "--shapes", "S1", "--backends", "numpy",
+            "--ops", "fwd,step", "--out", str(out)]
+    first = run_python(args)
+    for op in ("fwd", "step"):
+        assert re.search(rf"^{op}\s+S1\s+numpy\s+\d", first.stdout, re.M), first.stdout
+    assert (out / "report.json").exists() and (out / "report.md").exists()
+    assert "| fwd | S1 | numpy |" in (out / "report.md").read_text()
+    second = run_python(args[:-1] + [str(tmp_path / "again"), "--compare", str(out / "report.json")])
+    assert "change = old median / new median" in second.stdout
+
+
+def test_command_line_rejects_unknown_names():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--shapes", "S9"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown ['S9']" in result.stderr
