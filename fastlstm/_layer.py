@@ -3,7 +3,8 @@ and training.
 
 Every layer and direction runs through `fastlstm.lstm_forward` with the layer's backend, so
 the layer is exactly as fast and as exact as the kernels. Variable lengths run the time loop
-in segments over the shrinking set of sequences still running (`_BatchPlan`): no wasted steps,
+for inference as one padded run masked afterwards (`_PaddedPlan`), for training in segments
+over the shrinking set of sequences still running (`_BatchPlan`): no wasted steps,
 no kernel change. Training (`LSTM.forward_train`, `LSTM.backward`) keeps each segment's
 `LSTMCache` and runs `fastlstm.lstm_backward` over the same segments in reverse. Streaming
 steps go through a `fastlstm._step.StepKernel`.
@@ -201,6 +202,41 @@ class _BatchPlan:
             # reverse_time is its own inverse: it swaps steps t and length-1-t.
             dx = dx[self.reverse_time, self.batch_cols]
         return dx, dh, dc, dWx, dWh, db
+
+
+class _PaddedPlan(_BatchPlan):
+    """Inference with lengths: one padded `lstm_forward` call per direction, then masking.
+
+    Rows of a batch never mix, so the steps computed past a sequence's end change nothing
+    before it; outputs there are zeroed and each sequence's final state is read at its own
+    last step. The segments of `_BatchPlan` skip those steps but cost one kernel call per
+    distinct length: with the compiled backends that measured 3-5x the padded run (T=100, B=32,
+    D=128, H=256, lengths uniform in [1, T]: 69 ms vs 18 ms), while this plan costs ~1x it.
+    Training keeps the segments, whose backward takes each final-state gradient at its step.
+    """
+
+    def __init__(self, lengths, T):
+        super().__init__(lengths, T)
+        self.lengths = lengths
+        self.past_end = np.arange(T)[:, np.newaxis] >= lengths
+
+    def run(self, x, weights, h0, c0, backend, need_cells, reverse, need_caches=False):
+        if reverse:
+            x = x[self.reverse_time, self.batch_cols]
+        T, B, _ = x.shape
+        H = weights[1].shape[0]
+        y, _, _, cells, _ = _forward(x, weights, h0, c0, backend, True, False)
+        h = np.zeros((B, H), x.dtype) if h0 is None else h0.copy()
+        c = np.zeros((B, H), x.dtype) if c0 is None else c0.copy()
+        ran = np.flatnonzero(self.lengths)
+        h[ran] = y[self.lengths[ran] - 1, ran]
+        c[ran] = cells[self.lengths[ran] - 1, ran]
+        y[self.past_end] = 0
+        cells[self.past_end] = 0
+        if reverse:
+            y = y[self.reverse_time, self.batch_cols]
+            cells = cells[self.reverse_time, self.batch_cols]
+        return y, h, c, cells if need_cells else None, None
 
 
 class _FullPlan:
@@ -598,18 +634,18 @@ class LSTM:
         """
         x = self._check_input(x)
         h0, c0 = self._check_state(state, x.shape[1])
-        plan = self._plan(lengths, x.shape)
+        plan = self._plan(lengths, x.shape, _PaddedPlan)
         y, h_n, c_n, cells, _ = self._run(x, h0, c0, plan, return_cells=return_cells)
         if return_cells:
             return self._finish(y), (h_n, c_n), self._finish(cells)
         return self._finish(y), (h_n, c_n)
 
-    def _plan(self, lengths, shape):
+    def _plan(self, lengths, shape, plan_for_lengths=_BatchPlan):
         T, B, _ = shape
         if lengths is not None:
             lengths = _check_lengths(lengths, T, B)
             if np.any(lengths != T):
-                return _BatchPlan(lengths, T)
+                return plan_for_lengths(lengths, T)
         return _FullPlan()
 
     def _run(self, x, h0, c0, plan, *, return_cells=False, training=False, rng=None):
