@@ -97,7 +97,7 @@ def bench(args, argv):
 
 def main(argv=None):
     from ._bench.implementations import IMPLEMENTATIONS
-    from ._bench.problems import OPS, SHAPES
+    from ._bench.problems import DEFAULT_OPS, OPS, SHAPES
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fastlstm", description=__doc__,
@@ -110,8 +110,8 @@ def main(argv=None):
     run.add_argument("--backends", type=_names(list(IMPLEMENTATIONS)),
                      default=list(IMPLEMENTATIONS),
                      help="implementations, from " + ",".join(IMPLEMENTATIONS) + " (default: all)")
-    run.add_argument("--ops", type=_names(list(OPS)), default=list(OPS),
-                     help="from " + ",".join(OPS) + " (default: all)")
+    run.add_argument("--ops", type=_names(list(OPS)), default=list(DEFAULT_OPS),
+                     help="from " + ",".join(OPS) + " (default: " + ",".join(DEFAULT_OPS) + ")")
     run.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     run.add_argument("--threads", type=int, default=_threads.get_num_threads(),
                      help="threads for every implementation (default: all cores)")

@@ -2,7 +2,9 @@
 
 Every entry can prepare a call for an operation ("fwd": forward; "fwdbwd": forward and the
 backward pass with upstream gradient ``dy``; "step": one streaming time step on ``x[0]`` from
-the state (h0, c0), as a service receiving one frame at a time) on a `Problem`. Preparing does the one-off work
+the state (h0, c0), as a service receiving one frame at a time; "train": forward, backward
+and an Adam update of a 2-layer LSTM whose second layer is `second_layer_weights`, from zero
+states) on a `Problem`. Preparing does the one-off work
 (weight conversion, graph building, JIT warm-up) outside the timed call; `Prepared.call` is
 what is timed, and `Prepared.result` turns its return value into our layout, so that the tests
 can check every benchmarked implementation against the reference.
@@ -14,8 +16,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 import fastlstm
+from fastlstm import train
 
-from .problems import OPS
+from .problems import OPS, second_layer_weights
 
 # Gate blocks along the 4H axis: ours are i, f, o, g. Block k of the peer's layout is our block
 # ORDER[k]; both permutations are their own inverse.
@@ -33,7 +36,8 @@ class Prepared(NamedTuple):
     """A ready-to-time call and the conversion of its return value.
 
     result(output) -> (y, h_T, c_T) for "fwd"; (y, h_T, c_T, LSTMGrads) for "fwdbwd";
-    (y (1, B, H), h_1, c_1) for "step", valid after the first call.
+    (y (1, B, H), h_1, c_1) for "step", valid after the first call; (y, h_T, c_T) of the
+    last layer for "train", the first call's being those of the initial weights.
     """
 
     call: Callable
@@ -69,6 +73,18 @@ class Implementation(NamedTuple):
 def _prepare_fastlstm(backend):
     def prepare(op, problem, n_threads):
         x, Wx, Wh, b, h0, c0, dy = problem
+        if op == "train":
+            layer = fastlstm.LSTM.from_weights(
+                [(Wx, Wh, b), second_layer_weights(Wh.shape[0], Wx.dtype)], backend=backend)
+            optimizer = train.Adam(layer.parameters(), lr=1e-3)
+
+            def call():
+                y, (h_n, c_n), cache = layer.forward_train(x)
+                optimizer.step(layer.backward(dy, cache))
+                return y, h_n[-1], c_n[-1]
+
+            # No warm-up call here: it would update the weights (the runner warms up).
+            return Prepared(call, lambda output: output)
         if op == "step":
             layer = fastlstm.LSTM.from_weights([(Wx, Wh, b)], backend=backend)
             state = layer.initial_state(x.shape[1], h0[None], c0[None])
@@ -112,6 +128,8 @@ def _prepare_torch(op, problem, n_threads):
     def outputs(y, h_n, c_n):
         return y.detach().numpy(), h_n[0].detach().numpy(), c_n[0].detach().numpy()
 
+    if op == "train":
+        return _prepare_torch_training(problem)
     if op == "step":
         cell = torch.nn.LSTMCell(D, H).to(x_t.dtype)
         with torch.no_grad():
@@ -159,6 +177,39 @@ def _prepare_torch(op, problem, n_threads):
             return (*outputs(*output), grads)
 
     call()
+    return Prepared(call, result)
+
+
+def _prepare_torch_training(problem):
+    """The "train" op in torch: 2-layer ``nn.LSTM``, ``backward``, ``optim.Adam``.
+
+    torch has two biases per layer where we have one (their sum); Adam would move each, so the
+    sum would move twice as far: the second bias stays frozen at zero to train the same model.
+    """
+    import torch
+
+    x, Wx, Wh, b, _, _, dy = problem
+    H = Wh.shape[0]
+    module = torch.nn.LSTM(x.shape[2], H, 2).to(torch.from_numpy(x).dtype)
+    with torch.no_grad():
+        for k, (Wx_k, Wh_k, b_k) in enumerate([(Wx, Wh, b), second_layer_weights(H, Wx.dtype)]):
+            to_torch = lambda w: torch.from_numpy(reorder_gates(w, TORCH_GATE_ORDER).T.copy())
+            getattr(module, f"weight_ih_l{k}").copy_(to_torch(Wx_k))
+            getattr(module, f"weight_hh_l{k}").copy_(to_torch(Wh_k))
+            getattr(module, f"bias_ih_l{k}").copy_(to_torch(b_k))
+            getattr(module, f"bias_hh_l{k}").zero_().requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    x_t, dy_t = torch.from_numpy(x), torch.from_numpy(dy)
+
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        y, (h_n, c_n) = module(x_t)
+        y.backward(dy_t)
+        optimizer.step()
+        return y, h_n, c_n
+
+    result = lambda output: (output[0].detach().numpy(), output[1][-1].detach().numpy(),
+                             output[2][-1].detach().numpy())
     return Prepared(call, result)
 
 

@@ -16,9 +16,12 @@ class Shape(NamedTuple):
 
     def flops(self, op):
         """Floating-point operations of one call: 2·T·B·(D+H)·4H forward, about 3x that for
-        forward+backward, and one time step for ``step``."""
+        forward+backward, one time step for ``step``, and forward+backward of two stacked
+        layers (the second with input size H) for ``train``."""
         forward = 2 * self.T * self.B * (self.D + self.H) * 4 * self.H
-        return {"fwd": forward, "fwdbwd": 3 * forward, "step": forward // self.T}[op]
+        second_layer = 2 * self.T * self.B * (2 * self.H) * 4 * self.H
+        return {"fwd": forward, "fwdbwd": 3 * forward, "step": forward // self.T,
+                "train": 3 * (forward + second_layer)}[op]
 
     def label(self):
         return f"{self.name} (T={self.T}, B={self.B}, D={self.D}, H={self.H})"
@@ -34,7 +37,10 @@ SHAPES = {
         Shape("S5", 20, 256, 256, 1024),
     )
 }
-OPS = ("fwd", "fwdbwd", "step")
+#: "train" is one training step (forward + backward + Adam) of a 2-layer LSTM.
+OPS = ("fwd", "fwdbwd", "step", "train")
+#: What ``python -m fastlstm bench`` runs unless --ops says otherwise.
+DEFAULT_OPS = ("fwd", "fwdbwd", "step")
 
 
 class Problem(NamedTuple):
@@ -47,6 +53,13 @@ class Problem(NamedTuple):
     h0: np.ndarray
     c0: np.ndarray
     dy: np.ndarray
+
+
+def second_layer_weights(H, dtype, seed=1):
+    """Weights (Wx (H, 4H), Wh (H, 4H), b (4H,)) of the second layer of the "train" op."""
+    rng = np.random.default_rng(seed)
+    k = 1.0 / np.sqrt(H)
+    return tuple(rng.uniform(-k, k, shape).astype(dtype) for shape in ((H, 4 * H), (H, 4 * H), 4 * H))
 
 
 def make_problem(shape, dtype=np.float32, seed=0):
