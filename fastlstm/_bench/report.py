@@ -132,8 +132,12 @@ def write_plot(report, path):
         return False
     rows = report["rows"]
     ops = [op for op in OP_TITLES if any(r["op"] == op for r in rows)]
-    fig, axes = plt.subplots(1, len(ops), figsize=(6.5 * len(ops), 4.8), squeeze=False)
-    for ax, op in zip(axes[0], ops):
+    n_rows = 1 if len(ops) <= 2 else 2
+    n_cols = -(-len(ops) // n_rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(6.5 * n_cols, 4.8 * n_rows), squeeze=False)
+    for ax in axes.flat[len(ops):]:
+        ax.set_visible(False)
+    for ax, op in zip(axes.flat, ops):
         impls = [n for n in IMPLEMENTATIONS if any((r["op"], r["impl"]) == (op, n) for r in rows)]
         width = 0.8 / len(impls)
         shapes = [s for s in SHAPES if any(r["op"] == op and r["shape"] == s for r in rows)]
