@@ -1,8 +1,9 @@
 """Checks specific to the Cython backend: its portable (non-SIMD) kernels, the activations, the
 packing of the recurrent weights, the row-major BLAS helper and the floating-point state.
 
-The backend-parametrized suite (test_backends.py) runs the default (SIMD where the CPU has it)
-kernels; here the portable build runs through the same comparison with the reference.
+The backend-parametrized suite (test_backends.py) runs the default (the best build the CPU has)
+kernels; here every build (portable, AVX2, AVX-512) runs through the same comparison with the
+reference.
 """
 
 import os
@@ -25,17 +26,17 @@ TOLERANCE = {np.float64: (1e-10, 1e-10), np.float32: (1e-5, 1e-4)}  # DESIGN.md 
 ACTIVATION_TOLERANCE = {np.float32: 2.5e-7, np.float64: 1e-14}
 
 
-@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+@pytest.fixture(params=_lstm_cython.ISAS)
 def simd(request):
-    """Run under the AVX2 kernels (skipped where the CPU lacks them) and the portable ones."""
-    if request.param and not _lstm_cython.cpu_has_simd():
-        pytest.skip("this CPU has no AVX2+FMA")
-    before = _lstm_cython.simd_active()
-    _lstm_cython._set_simd(request.param)
+    """Run under each kernel build (skipped where the CPU lacks its instructions)."""
+    if _lstm_cython.ISAS.index(request.param) > _lstm_cython.ISAS.index(_lstm_cython.cpu_isa()):
+        pytest.skip(f"this CPU does not run the {request.param} kernels")
+    before = _lstm_cython.isa()
+    assert _lstm_cython._set_isa(request.param) == request.param
     try:
         yield request.param
     finally:
-        _lstm_cython._set_simd(before)
+        _lstm_cython._set_isa(before)
 
 
 @pytest.fixture(params=[0, 10**6], ids=["loop-tiles", "loop-matvec"])
@@ -225,4 +226,23 @@ def test_environment_variable_disables_simd():
 def test_simd_default_follows_cpu():
     if os.environ.get("FASTLSTM_DISABLE_SIMD", "0") not in ("", "0"):
         pytest.skip("FASTLSTM_DISABLE_SIMD is set")
+    assert _lstm_cython.isa() == _lstm_cython.cpu_isa()
     assert _lstm_cython.simd_active() == _lstm_cython.cpu_has_simd()
+
+
+def test_packed_weights_follow_the_kernel_build():
+    """A `pack` made under one build is not used by another (their block widths differ)."""
+    before = _lstm_cython.isa()
+    args = make_problem(5, 2, 3, 37, dtype=np.float32)
+    expected = fastlstm.lstm_forward(**args, backend="numpy")[0]
+    try:
+        for made_under in _lstm_cython.ISAS[: _lstm_cython.ISAS.index(_lstm_cython.cpu_isa()) + 1]:
+            _lstm_cython._set_isa(made_under)
+            packed = cython_backend.pack(args["Wh"])
+            for used_under in _lstm_cython.ISAS:
+                _lstm_cython._set_isa(used_under)
+                y = cython_backend.forward(*args.values(), need_cache=False, n_threads=1,
+                                           packed=packed)[0]
+                np.testing.assert_allclose(y, expected, atol=1e-5)
+    finally:
+        _lstm_cython._set_isa(before)

@@ -35,12 +35,15 @@ from fastlstm._kernels._blas cimport gemm
 
 
 cdef extern from "csrc/lstm_kernels.h" nogil:
-    int FASTLSTM_UNITS_F32
-    int FASTLSTM_UNITS_F64
-    int fastlstm_cpu_has_simd()
-    int fastlstm_set_simd(int wanted)
+    int FASTLSTM_ISA_PORTABLE
+    int FASTLSTM_ISA_AVX2
+    int FASTLSTM_ISA_AVX512
+    int fastlstm_cpu_isa()
+    int fastlstm_set_isa(int wanted)
+    int fastlstm_isa
+    int fastlstm_units_f32()
+    int fastlstm_units_f64()
     int fastlstm_team_size()
-    int fastlstm_simd_active
 
     ctypedef struct fastlstm_barrier:
         pass
@@ -93,26 +96,40 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
 
 # ---- instruction set -------------------------------------------------------------------------
 
-def cpu_has_simd():
-    """Whether this CPU runs the AVX2+FMA kernels."""
-    return bool(fastlstm_cpu_has_simd())
+#: The kernel builds, in order: each runs on a subset of the CPUs the one before it runs on.
+ISAS = ("portable", "avx2", "avx512")
 
 
-def _set_simd(bint wanted):
-    """Use the AVX2+FMA kernels (if the CPU has them) or the portable ones; returns the choice.
+def cpu_isa():
+    """The best kernel build this CPU runs: "avx512" (x86-64-v4), "avx2" (AVX2+FMA), "portable"."""
+    return ISAS[fastlstm_cpu_isa()]
 
-    Private: for the tests, which run the portable kernels against the reference.
+
+def _set_isa(str wanted):
+    """Run the best kernel build up to `wanted` (a name of ISAS) that the CPU has; returns its name.
+
+    Private: for the tests, which run every build against the reference.
     """
-    return bool(fastlstm_set_simd(wanted))
+    return ISAS[fastlstm_set_isa(ISAS.index(wanted))]
+
+
+def isa():
+    """The kernel build now in use (a name of ISAS)."""
+    return ISAS[fastlstm_isa]
+
+
+def cpu_has_simd():
+    """Whether this CPU runs a vectorised (AVX2+FMA or AVX-512) build of the kernels."""
+    return cpu_isa() != "portable"
 
 
 def simd_active():
-    """Whether the kernels now run the AVX2+FMA build."""
-    return bool(fastlstm_simd_active)
+    """Whether the kernels now run a vectorised build."""
+    return isa() != "portable"
 
 
 # FASTLSTM_DISABLE_SIMD=1 in the environment at import forces the portable kernels.
-_set_simd(os.environ.get("FASTLSTM_DISABLE_SIMD", "0") in ("", "0"))
+_set_isa("portable" if os.environ.get("FASTLSTM_DISABLE_SIMD", "0") not in ("", "0") else "avx512")
 
 
 # ---- element-wise activations (exposed for the tests) ----------------------------------------
@@ -137,9 +154,15 @@ def tanh(const floating[::1] x, floating[::1] out):
 
 # ---- packing ---------------------------------------------------------------------------------
 
+cdef inline Py_ssize_t _units(floating *type_tag) noexcept nogil:
+    """Hidden units per packed block for this element type and the kernel build in use."""
+    return fastlstm_units_f32() if floating is float else fastlstm_units_f64()
+
+
 def units_per_block(dtype_size):
-    """Hidden units per block of the packed recurrent weights for an element of that size."""
-    return FASTLSTM_UNITS_F32 if dtype_size == 4 else FASTLSTM_UNITS_F64
+    """Hidden units per block of the packed recurrent weights for an element of that size
+    (one vector of the kernel build in use)."""
+    return fastlstm_units_f32() if dtype_size == 4 else fastlstm_units_f64()
 
 
 def packed_size(Py_ssize_t H, dtype_size):
@@ -156,7 +179,7 @@ def pack_recurrent_weights(const floating[:, ::1] Wh, floating[::1] packed):
     0 where that unit >= H.
     """
     cdef Py_ssize_t H = Wh.shape[0]
-    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
     cdef Py_ssize_t blk, half, k, q, j, n
     cdef floating *out = &packed[0]
@@ -185,7 +208,7 @@ def pack_transposed_weights(const floating[:, ::1] Wh, floating[::1] packed_t):
     packed_t[(blk * 4H + k) * N + j] = Wh[blk * N + j, k], 0 where that unit >= H.
     """
     cdef Py_ssize_t H = Wh.shape[0], G = Wh.shape[1]
-    cdef Py_ssize_t width = 2 * (FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64)
+    cdef Py_ssize_t width = 2 * _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + width - 1) // width
     cdef Py_ssize_t blk, k, j, n
     cdef floating *out
@@ -201,6 +224,7 @@ def pack_transposed_weights(const floating[:, ::1] Wh, floating[::1] packed_t):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
 
 cdef inline Py_ssize_t _bound(Py_ssize_t n, int parts, int part, Py_ssize_t grain) noexcept nogil:
     """Start of share `part` of `parts` near-equal shares of range(n), cut at multiples of grain.
@@ -236,7 +260,7 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
                           Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
                           int n_threads) noexcept nogil:
     """The time loop: threads split the hidden-unit blocks, one barrier a step."""
-    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
     cdef Py_ssize_t G = 4 * H
     cdef Py_ssize_t BH = B * H
@@ -278,7 +302,7 @@ cdef void _forward_batch(const floating *packed, const floating *h0, const float
                          Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
                          int n_threads) noexcept nogil:
     """The time loop for batches: threads split the batch rows and never synchronise."""
-    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
     cdef Py_ssize_t BH = B * H
     cdef Py_ssize_t row_begin, row_end, t
@@ -351,7 +375,7 @@ cdef void _backward_matvec(const floating *Wh, const floating *c0, const floatin
     step, so the next step may start while the other thread still reads da_t.
     """
     cdef Py_ssize_t G = 4 * H
-    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t u_begin, u_end, t, row, step
     cdef int team
     cdef fastlstm_barrier barrier

@@ -1,4 +1,5 @@
-"""Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 chosen at run time.
+"""Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 or AVX-512 chosen at
+run time.
 
 This module is the glue: it allocates outputs and scratch, packs the recurrent weights (Wh for
 the forward kernels, Wh.T for the backward's batch loop), holds BLAS to one thread while the
@@ -32,11 +33,13 @@ def use_matvec(B, n_threads):
 class PackedWeights(NamedTuple):
     """Recurrent weights arranged for the forward kernels, made once by `pack`.
 
-    Wh : the (H, 4H) array it was made from; packed : the arrangement (1-D, Wh's dtype).
+    Wh : the (H, 4H) array it was made from; packed : the arrangement (1-D, Wh's dtype);
+    units : hidden units per block, which depends on the kernel build in use when it was made.
     """
 
     Wh: np.ndarray
     packed: np.ndarray
+    units: int
 
 
 def pack(Wh):
@@ -49,14 +52,15 @@ def pack(Wh):
     Wh = np.ascontiguousarray(Wh)
     packed = np.empty(_lstm_cython.packed_size(Wh.shape[0], Wh.dtype.itemsize), Wh.dtype)
     _lstm_cython.pack_recurrent_weights(Wh, packed)
-    return PackedWeights(Wh, packed)
+    return PackedWeights(Wh, packed, _lstm_cython.units_per_block(Wh.dtype.itemsize))
 
 
 def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, packed=None):
     """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`."""
     T, B, _ = x.shape
     H = Wh.shape[0]
-    if packed is not None and packed.Wh is Wh:
+    units = _lstm_cython.units_per_block(x.dtype.itemsize)
+    if packed is not None and packed.Wh is Wh and packed.units == units:
         packed_array = packed.packed
     else:
         packed_array = pack(Wh).packed
