@@ -52,7 +52,7 @@ def test_command_line_info():
     if "cython" in fastlstm.available_backends():
         from fastlstm._kernels import _lstm_cython
 
-        assert f"cython kernels: {_lstm_cython.cpu_isa()} build" in result.stdout
+        assert f"cython kernels: {_lstm_cython.isa()} build" in result.stdout
 
 
 def test_denormals_survive_import_and_every_backend():
