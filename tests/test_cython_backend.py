@@ -76,6 +76,19 @@ def test_kernels_match_reference(shape, dtype, simd, n_threads, min_rows_per_thr
         np.testing.assert_allclose(got, want, rtol=0, atol=forward_tol)
 
 
+@pytest.mark.parametrize("chunk_steps", [1, 3, 7])
+def test_inference_in_chunks_of_time_steps(chunk_steps, n_threads, min_rows_per_thread,
+                                           monkeypatch):
+    """A long no-cache forward runs in chunks of steps: the same outputs as one pass."""
+    T, B, D, H = 8, 3, 5, 11
+    args = make_problem(T, B, D, H, dtype=np.float32)
+    whole = fastlstm.lstm_forward(**args, backend="cython")
+    monkeypatch.setattr(cython_backend, "INFERENCE_GATES_BYTES", chunk_steps * B * 4 * H * 4)
+    chunked = fastlstm.lstm_forward(**args, backend="cython")
+    for got, want in zip(chunked, whole):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def activation_inputs():
     dense = np.linspace(-50, 50, 100_001)
     near_zero = np.linspace(-1e-3, 1e-3, 2_001)
