@@ -111,12 +111,8 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
     dWh = np.empty_like(Wh)
     db = np.empty(Wh.shape[1], x.dtype)
     matvec = use_matvec(B, n_threads)
-    packed_t = np.empty(
-        0 if matvec else _lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize),
-        x.dtype,
-    )
-    if not matvec:
-        _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
+    packed_t = np.empty(_lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize), x.dtype)
+    _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
     if WEIGHT_GRADIENTS_ON_BLAS_THREADS:
         _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx,
                               dWx, dWh, db, packed_t, matvec, n_threads, True)

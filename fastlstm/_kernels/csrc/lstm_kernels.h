@@ -171,11 +171,11 @@ static int fastlstm_units_f64(void) { return fastlstm_isa == FASTLSTM_ISA_AVX512
 #define fastlstm_forward_step_f64 FASTLSTM_PICK(forward_step, f64)
 #define fastlstm_backward_cell_f32 FASTLSTM_PICK(backward_cell, f32)
 #define fastlstm_backward_cell_f64 FASTLSTM_PICK(backward_cell, f64)
-#define fastlstm_backward_dh_f32 FASTLSTM_PICK(backward_dh, f32)
-#define fastlstm_backward_dh_f64 FASTLSTM_PICK(backward_dh, f64)
 #define fastlstm_forward_tiles_f32 FASTLSTM_PICK(forward_tiles, f32)
 #define fastlstm_forward_tiles_f64 FASTLSTM_PICK(forward_tiles, f64)
 #define fastlstm_backward_dh_tiles_f32 FASTLSTM_PICK(backward_dh_tiles, f32)
+#define fastlstm_backward_dh_panels_f32 FASTLSTM_PICK(backward_dh_panels, f32)
+#define fastlstm_backward_dh_panels_f64 FASTLSTM_PICK(backward_dh_panels, f64)
 #define fastlstm_backward_dh_tiles_f64 FASTLSTM_PICK(backward_dh_tiles, f64)
 
 /* ---- threads ---- */

@@ -408,6 +408,52 @@ KERNEL_ATTR static void SUFFIX(backward_dh_tiles)(const REAL *packed_t, Py_ssize
     }
 }
 
+/* dh[r, j] = Σ_k da[r, k] · Wh[j, k] (dh = da @ Wh.T, k < 4H) for the rows r < rows of a small
+ * batch and the hidden units of panels [blk_begin, blk_end) of `packed_t` (see
+ * backward_dh_tiles): a thread's share of the units in the matvec time loop. One row runs four
+ * chains over k (8 accumulators, no horizontal sums); more rows go through the tiles. */
+KERNEL_ATTR static void SUFFIX(backward_dh_panels)(const REAL *packed_t, Py_ssize_t H,
+                                                   Py_ssize_t rows, const REAL *da, REAL *dh,
+                                                   Py_ssize_t blk_begin, Py_ssize_t blk_end)
+{
+    const Py_ssize_t G = 4 * H, W = 2 * LANES;
+    for (Py_ssize_t blk = blk_begin; blk < blk_end; blk++) {
+        const REAL *panel = packed_t + blk * W * G;
+        Py_ssize_t j = blk * W;
+        if (rows > 1) {
+            for (Py_ssize_t r = 0; r < rows;) {
+                int mr = SUFFIX(next_tile_rows)(rows - r);
+                SUFFIX(gemm_tile)(mr, G, da + r * G, G, panel, dh + r * H + j, H - j,
+                                  dh + r * H + j + LANES, H - j - LANES, H, 0);
+                r += mr;
+            }
+            continue;
+        }
+        VEC lo0 = {0}, hi0 = {0}, lo1 = {0}, hi1 = {0}, lo2 = {0}, hi2 = {0}, lo3 = {0}, hi3 = {0};
+        Py_ssize_t k = 0;
+        for (; k + 4 <= G; k += 4) {
+            const REAL *p = panel + k * W;
+            VEC a0 = SUFFIX(vbroadcast)(da[k]), a1 = SUFFIX(vbroadcast)(da[k + 1]);
+            VEC a2 = SUFFIX(vbroadcast)(da[k + 2]), a3 = SUFFIX(vbroadcast)(da[k + 3]);
+            lo0 += a0 * SUFFIX(vload)(p);
+            hi0 += a0 * SUFFIX(vload)(p + LANES);
+            lo1 += a1 * SUFFIX(vload)(p + W);
+            hi1 += a1 * SUFFIX(vload)(p + W + LANES);
+            lo2 += a2 * SUFFIX(vload)(p + 2 * W);
+            hi2 += a2 * SUFFIX(vload)(p + 2 * W + LANES);
+            lo3 += a3 * SUFFIX(vload)(p + 3 * W);
+            hi3 += a3 * SUFFIX(vload)(p + 3 * W + LANES);
+        }
+        for (; k < G; k++) {
+            VEC a0 = SUFFIX(vbroadcast)(da[k]);
+            lo0 += a0 * SUFFIX(vload)(panel + k * W);
+            hi0 += a0 * SUFFIX(vload)(panel + k * W + LANES);
+        }
+        SUFFIX(store_partial)(dh + j, (lo0 + lo1) + (lo2 + lo3), H - j, 0);
+        SUFFIX(store_partial)(dh + j + LANES, (hi0 + hi1) + (hi2 + hi3), H - j - LANES, 0);
+    }
+}
+
 /* Backward through the cell for hidden units [u_begin, u_end) of one row at step t:
  *   dh_t = dy + dh (dh: the gradient from step t+1),  dc_t = dc + dh_t·o·(1 - tanh_c²)
  *   da = [dc_t·g·i(1-i), dc_t·c_prev·f(1-f), dh_t·tanh_c·o(1-o), dc_t·i·(1-g²)]
@@ -432,126 +478,6 @@ KERNEL_ATTR static void SUFFIX(backward_cell)(const REAL *restrict gates, Py_ssi
         dc[u] = dc_t * f;
     }
 }
-
-KERNEL_ATTR static inline REAL SUFFIX(vsum)(VEC v)
-{
-    REAL s = 0;
-    for (int j = 0; j < LANES; j++)
-        s += v[j];
-    return s;
-}
-
-/* Σ_{k0 <= k < k1} w[k]·d[k] for 4 rows of Wh (w0..w3) against one row of da: two partial
- * sums per row of Wh (8 accumulators). */
-#define DOT_TAIL(s, wr, d)                                                                       \
-    for (Py_ssize_t k = k_vec; k < k1; k++)                                                     \
-        s += (wr)[k] * (d)[k];
-
-/* dh[r, j] (+)= Σ_{k0 <= k < k1} da[r, k] · Wh[j, k] for rows r < rows and j in [j_begin, j_end)
- * (dh = da @ Wh.T over one range of k): "=" when k0 == 0, "+=" after. Rows of Wh are read in
- * their natural layout (contiguous in k, no packing); 4 of them against 2 rows of da give 8
- * accumulators with 6 loads per 8 FMAs, and the Wh rows are reused across the rows of da. */
-KERNEL_ATTR static void SUFFIX(dh_block)(const REAL *Wh, Py_ssize_t H, Py_ssize_t rows,
-                                         const REAL *da, REAL *dh, Py_ssize_t j_begin,
-                                         Py_ssize_t j_end, Py_ssize_t k0, Py_ssize_t k1)
-{
-    const Py_ssize_t G = 4 * H;
-    const Py_ssize_t k_vec = k0 + (k1 - k0) / LANES * LANES;
-    const int first = k0 == 0;
-    Py_ssize_t j = j_begin;
-    for (; j + 4 <= j_end; j += 4) {
-        const REAL *w0 = Wh + j * G, *w1 = w0 + G, *w2 = w1 + G, *w3 = w2 + G;
-        Py_ssize_t r = 0;
-        for (; r + 2 <= rows; r += 2) {
-            const REAL *da_a = da + r * G, *da_b = da_a + G;
-            VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-            for (Py_ssize_t k = k0; k < k_vec; k += LANES) {
-                VEC x0 = SUFFIX(vload)(w0 + k), x1 = SUFFIX(vload)(w1 + k);
-                VEC x2 = SUFFIX(vload)(w2 + k), x3 = SUFFIX(vload)(w3 + k);
-                VEC da_ak = SUFFIX(vload)(da_a + k), da_bk = SUFFIX(vload)(da_b + k);
-                a0 += x0 * da_ak;
-                a1 += x1 * da_ak;
-                a2 += x2 * da_ak;
-                a3 += x3 * da_ak;
-                b0 += x0 * da_bk;
-                b1 += x1 * da_bk;
-                b2 += x2 * da_bk;
-                b3 += x3 * da_bk;
-            }
-            REAL sums[8] = {SUFFIX(vsum)(a0), SUFFIX(vsum)(a1), SUFFIX(vsum)(a2),
-                            SUFFIX(vsum)(a3), SUFFIX(vsum)(b0), SUFFIX(vsum)(b1),
-                            SUFFIX(vsum)(b2), SUFFIX(vsum)(b3)};
-            DOT_TAIL(sums[0], w0, da_a) DOT_TAIL(sums[1], w1, da_a)
-            DOT_TAIL(sums[2], w2, da_a) DOT_TAIL(sums[3], w3, da_a)
-            DOT_TAIL(sums[4], w0, da_b) DOT_TAIL(sums[5], w1, da_b)
-            DOT_TAIL(sums[6], w2, da_b) DOT_TAIL(sums[7], w3, da_b)
-            for (int q = 0; q < 4; q++) {
-                dh[r * H + j + q] = first ? sums[q] : dh[r * H + j + q] + sums[q];
-                dh[(r + 1) * H + j + q] = first ? sums[4 + q] : dh[(r + 1) * H + j + q] + sums[4 + q];
-            }
-        }
-        if (r < rows) {
-            const REAL *da_r = da + r * G;
-            VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-            Py_ssize_t k = k0;
-            for (; k + 2 * LANES <= k_vec; k += 2 * LANES) {
-                VEC d0 = SUFFIX(vload)(da_r + k), d1 = SUFFIX(vload)(da_r + k + LANES);
-                a0 += SUFFIX(vload)(w0 + k) * d0;
-                b0 += SUFFIX(vload)(w0 + k + LANES) * d1;
-                a1 += SUFFIX(vload)(w1 + k) * d0;
-                b1 += SUFFIX(vload)(w1 + k + LANES) * d1;
-                a2 += SUFFIX(vload)(w2 + k) * d0;
-                b2 += SUFFIX(vload)(w2 + k + LANES) * d1;
-                a3 += SUFFIX(vload)(w3 + k) * d0;
-                b3 += SUFFIX(vload)(w3 + k + LANES) * d1;
-            }
-            if (k < k_vec) {
-                VEC d0 = SUFFIX(vload)(da_r + k);
-                a0 += SUFFIX(vload)(w0 + k) * d0;
-                a1 += SUFFIX(vload)(w1 + k) * d0;
-                a2 += SUFFIX(vload)(w2 + k) * d0;
-                a3 += SUFFIX(vload)(w3 + k) * d0;
-            }
-            REAL sums[4] = {SUFFIX(vsum)(a0 + b0), SUFFIX(vsum)(a1 + b1), SUFFIX(vsum)(a2 + b2),
-                            SUFFIX(vsum)(a3 + b3)};
-            DOT_TAIL(sums[0], w0, da_r) DOT_TAIL(sums[1], w1, da_r)
-            DOT_TAIL(sums[2], w2, da_r) DOT_TAIL(sums[3], w3, da_r)
-            for (int q = 0; q < 4; q++)
-                dh[r * H + j + q] = first ? sums[q] : dh[r * H + j + q] + sums[q];
-        }
-    }
-    for (; j < j_end; j++) {
-        const REAL *w = Wh + j * G;
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            const REAL *da_r = da + r * G;
-            VEC a = {0};
-            for (Py_ssize_t k = k0; k < k_vec; k += LANES)
-                a += SUFFIX(vload)(w + k) * SUFFIX(vload)(da_r + k);
-            REAL sum = SUFFIX(vsum)(a);
-            DOT_TAIL(sum, w, da_r)
-            dh[r * H + j] = first ? sum : dh[r * H + j] + sum;
-        }
-    }
-}
-
-#undef DOT_TAIL
-
-/* k values per pass: KC values of every da row (the whole batch's share, 2 KiB a row for
- * float) stay in L2 while every group of 4 Wh rows (4·KC values, in L1) goes over them. */
-#define KC 512
-
-/* dh[r, j] = Σ_k da[r, k] · Wh[j, k] for rows r < rows, j in [j_begin, j_end), k < 4H
- * (dh = da @ Wh.T for these hidden units), in passes over k (dh_block). */
-KERNEL_ATTR static void SUFFIX(backward_dh)(const REAL *Wh, Py_ssize_t H, Py_ssize_t rows,
-                                            const REAL *da, REAL *dh, Py_ssize_t j_begin,
-                                            Py_ssize_t j_end)
-{
-    for (Py_ssize_t k0 = 0; k0 < 4 * H; k0 += KC)
-        SUFFIX(dh_block)(Wh, H, rows, da, dh, j_begin, j_end, k0,
-                         k0 + KC < 4 * H ? k0 + KC : 4 * H);
-}
-
-#undef KC
 
 #undef TILE_ROWS
 #undef VEC
