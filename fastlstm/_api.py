@@ -93,6 +93,18 @@ def lstm_forward(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=F
     All arrays share one dtype, float32 or float64, which the outputs keep. Inputs are never
     modified.
     """
+    return forward_padded(x, Wx, Wh, b, h0, c0, backend=backend, return_cache=return_cache)
+
+
+def forward_padded(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=False,
+                   lengths=None):
+    """`lstm_forward` plus ``lengths`` (for `fastlstm.LSTM`; not public API).
+
+    lengths : intp ndarray, shape (B,), values in [0, T], already validated, or None.
+        y covers all T steps of every row, but h_T and c_T are each row's states after its
+        first lengths[row] steps (h0, c0 where it is 0), read by the backend without keeping
+        every step's state.
+    """
     shape, dtype = check_forward_args(x, Wx, Wh, b, h0, c0)
     chosen = _resolve_backend(backend, shape)
     _, B, _, H = shape
@@ -109,6 +121,7 @@ def lstm_forward(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=F
             c0,
             need_cache=bool(return_cache),
             n_threads=n_threads,
+            lengths=lengths,
         )
     if return_cache:
         return y, h_T, c_T, LSTMCache(chosen.name, shape, dtype, data)

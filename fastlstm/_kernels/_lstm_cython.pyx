@@ -231,10 +231,29 @@ cdef void _input_projection(const floating *x, const floating *Wx, const floatin
 
 # ---- forward ---------------------------------------------------------------------------------
 
+cdef inline void _keep_last_cells(const floating *c, floating *c_last,
+                                  const Py_ssize_t *last_steps, Py_ssize_t t,
+                                  Py_ssize_t row_begin, Py_ssize_t row_end, Py_ssize_t u_begin,
+                                  Py_ssize_t u_end, Py_ssize_t H) noexcept nogil:
+    """c_last[row, u_begin:u_end] = c[row, u_begin:u_end] for the rows whose last step is t.
+
+    For padded batches (``last_steps`` NULL: nothing to do). Each thread copies what it just
+    computed, so this adds no synchronisation; the scan costs B compares a step.
+    """
+    cdef Py_ssize_t row
+    if last_steps == NULL or u_end <= u_begin:
+        return
+    for row in range(row_begin, row_end):
+        if last_steps[row] == t:
+            memcpy(c_last + row * H + u_begin, c + row * H + u_begin,
+                   (u_end - u_begin) * sizeof(floating))
+
+
 cdef void _forward_matvec(const floating *packed, const floating *h0, const floating *c0,
                           floating *gates, floating *y, floating *c_store, floating *tanh_c,
                           Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
-                          int n_threads) noexcept nogil:
+                          int n_threads, const Py_ssize_t *last_steps=NULL,
+                          floating *c_last=NULL) noexcept nogil:
     """The time loop: threads split the hidden-unit blocks, one barrier a step."""
     cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
@@ -264,6 +283,8 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
             else:
                 fastlstm_forward_step_f64(packed, H, B, h_prev, gates + t * B * G, c_prev, c,
                                           y + t * BH, tc, blk_begin, blk_end)
+            _keep_last_cells(c, c_last, last_steps, t, 0, B, blk_begin * units,
+                             min(H, blk_end * units), H)
             if fastlstm_barrier_wait(&barrier, team):
                 # the cores are busy elsewhere: thread 0 finishes the sequence alone
                 if threadid() != 0:
@@ -276,7 +297,8 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
 cdef void _forward_batch(const floating *packed, const floating *h0, const floating *c0,
                          floating *gates, floating *y, floating *c_store, floating *tanh_c,
                          Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
-                         int n_threads) noexcept nogil:
+                         int n_threads, const Py_ssize_t *last_steps=NULL,
+                         floating *c_last=NULL) noexcept nogil:
     """The time loop for batches: threads split the batch rows and never synchronise."""
     cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
@@ -301,13 +323,14 @@ cdef void _forward_batch(const floating *packed, const floating *h0, const float
             else:
                 fastlstm_forward_tiles_f64(packed, H, h_prev, gates + t * B * 4 * H, c_prev, c,
                                            y + t * BH, tc, row_begin, row_end, 0, n_blocks)
+            _keep_last_cells(c, c_last, last_steps, t, row_begin, row_end, 0, H, H)
 
 
 def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
             const floating[::1] b, const floating[::1] packed, const floating[:, ::1] h0,
             const floating[:, ::1] c0, floating[:, :, ::1] gates, floating[:, :, ::1] y,
             floating[:, :, ::1] c_store, floating[:, :, ::1] tanh_c, bint use_matvec,
-            int n_threads):
+            int n_threads, const Py_ssize_t[::1] last_steps=None, floating[:, ::1] c_last=None):
     """LSTM forward pass into preallocated arrays.
 
     Inputs: x (T, B, D), Wx (D, 4H), Wh (H, 4H), b (4H,), h0, c0 (B, H); packed: Wh arranged
@@ -316,20 +339,31 @@ def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floati
     c_store: (T, B, H) cell states of every step, or (1, B, H) holding c0 on entry and c_T on
     exit when no history is kept; tanh_c: (T, B, H) tanh of every cell state, or an empty array
     when no history is kept. Caller holds BLAS to one thread.
+    Optional, for padded batches: last_steps (B,) and c_last (B, H): c_last[row] receives the
+    cell state after step last_steps[row] (rows whose last step is outside [0, T) keep theirs).
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = h0.shape[1]
     cdef bint keep_history = tanh_c.shape[0] > 0
     cdef floating *tanh_c_ptr = &tanh_c[0, 0, 0] if keep_history else NULL
+    cdef const Py_ssize_t *last_steps_ptr = NULL
+    cdef floating *c_last_ptr = NULL
+    if last_steps is not None:
+        if c_last is None or last_steps.shape[0] != B or c_last.shape[0] != B \
+                or c_last.shape[1] != H:
+            raise ValueError("last_steps must have shape (B,) and c_last (B, H)")
+        last_steps_ptr = &last_steps[0]
+        c_last_ptr = &c_last[0, 0]
     with nogil:
         _input_projection(&x[0, 0, 0], &Wx[0, 0], &b[0], &gates[0, 0, 0], T * B, D, H,
                           n_threads)
         if use_matvec:
             _forward_matvec(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0],
                                 &y[0, 0, 0], &c_store[0, 0, 0], tanh_c_ptr, T, B, H,
-                                keep_history, n_threads)
+                                keep_history, n_threads, last_steps_ptr, c_last_ptr)
         else:
             _forward_batch(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
-                           &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads)
+                           &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads,
+                           last_steps_ptr, c_last_ptr)
 
 
 # ---- backward --------------------------------------------------------------------------------

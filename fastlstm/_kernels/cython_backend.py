@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _threads
-from .._backends import Backend
+from .._backends import Backend, state_at_lengths
 from . import _lstm_cython
 
 #: Fewest batch rows per thread for the batch time loops (threads split the batch rows; tiles of
@@ -52,8 +52,12 @@ def pack(Wh):
     return PackedWeights(Wh, packed)
 
 
-def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, packed=None):
-    """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`."""
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed=None):
+    """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`.
+
+    With ``lengths`` and no cache, the time loop copies each row's cell state at its last step
+    (one compare per row and step), instead of keeping every step's cell state.
+    """
     T, B, _ = x.shape
     H = Wh.shape[0]
     if packed is not None and packed.Wh is Wh:
@@ -62,17 +66,26 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, packed=None):
         packed_array = pack(Wh).packed
     gates = np.empty((T, B, 4 * H), x.dtype)
     y = np.empty((T, B, H), x.dtype)
+    last_steps = c_last = None
     if need_cache:
         c_store = np.empty((T, B, H), x.dtype)
         tanh_c = np.empty((T, B, H), x.dtype)
     else:
         c_store = c0.copy()[np.newaxis]
         tanh_c = np.empty((0, B, H), x.dtype)
+        if lengths is not None:
+            last_steps = lengths - 1
+            c_last = c0.copy()  # rows of length 0 keep c0
     with _threads.blas_threads(1):
         _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y, c_store, tanh_c,
-                             use_matvec(B, n_threads), n_threads)
+                             use_matvec(B, n_threads), n_threads, last_steps, c_last)
     cache = (x, Wx, Wh, h0, c0, y, gates, c_store, tanh_c) if need_cache else None
-    return y, y[-1].copy(), c_store[-1].copy(), cache
+    if lengths is None:
+        return y, y[-1].copy(), c_store[-1].copy(), cache
+    h_T = state_at_lengths(y, h0, lengths)
+    if need_cache:
+        return y, h_T, state_at_lengths(c_store, c0, lengths), cache
+    return y, h_T, c_last, None
 
 
 def backward(dy, dh_T, dc_T, cache, *, n_threads):

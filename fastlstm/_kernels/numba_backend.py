@@ -738,7 +738,7 @@ def _warm_up_layer(a):
 # --------------------------------------------------------------------------------------------
 
 
-def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     T, B, D = x.shape
     H = Wh.shape[0]
     dtype = x.dtype
@@ -749,7 +749,9 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
     # Full per-step storage when cached, or when the split kernel needs step-unique slots.
     full = need_cache or mode == "split_hidden"
-    cells = np.empty((T + 1 if full else 2, B, H), dtype)
+    # With lengths, every step's cell state (the kernels index it modulo its length), from
+    # which each row's own last one is read; the gates still need only one slot.
+    cells = np.empty((T + 1 if full or lengths is not None else 2, B, H), dtype)
     cells[0] = c0
     gates = np.empty((T if full else 1, B, 4 * H), dtype)
     tanh_cells = np.empty((T if full else 1, B, H), dtype)
@@ -769,8 +771,14 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
             _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_workers,
                                   xproj, hs, cells, gates, tanh_cells)
     y = hs[1:]
-    h_T = hs[T].copy()
-    c_T = cells[T % cells.shape[0]].copy()
+    if lengths is None:
+        h_T = hs[T].copy()
+        c_T = cells[T % cells.shape[0]].copy()
+    else:
+        # Slot 0 holds h0 and c0, slot t the states after step t.
+        rows = np.arange(B)
+        h_T = hs[lengths, rows]
+        c_T = cells[lengths, rows]
     cache = (x_rows, Wx, Wh, hs, cells, gates, tanh_cells) if need_cache else None
     return y, h_T, c_T, cache
 
