@@ -145,6 +145,13 @@ def lstm_backward(dy, cache, dh_T=None, dc_T=None):
     LSTMGrads
         ``(dx, dh0, dc0, dWx, dWh, db)``, each shaped and typed like its forward input.
     """
+    return backward_grads(dy, cache, dh_T, dc_T)
+
+
+def backward_grads(dy, cache, dh_T=None, dc_T=None, *, need_dx=True):
+    """`lstm_backward` plus ``need_dx`` (for `fastlstm.LSTM`; not public API): with False, the
+    input gradient is not computed and ``dx`` is None (a first layer's caller needs none).
+    """
     if not isinstance(cache, LSTMCache):
         raise TypeError(
             "cache must be the LSTMCache returned by lstm_forward(..., return_cache=True), "
@@ -158,6 +165,7 @@ def lstm_backward(dy, cache, dh_T=None, dc_T=None):
     n_threads = _threads.get_num_threads()
     with _threads.blas_threads(n_threads):
         grads = chosen.backward(
-            np.ascontiguousarray(dy), dh_T, dc_T, cache._data, n_threads=n_threads
+            np.ascontiguousarray(dy), dh_T, dc_T, cache._data, n_threads=n_threads,
+            need_dx=need_dx,
         )
     return LSTMGrads(*grads)

@@ -12,7 +12,7 @@ import pytest
 
 import fastlstm
 import fastlstm._kernels
-from fastlstm._api import forward_padded
+from fastlstm._api import backward_grads, forward_padded
 from fastlstm._backends import BACKEND_MODULES, unavailable_backends
 from lstm_data import as_float64, make_problem, make_upstream
 
@@ -148,6 +148,21 @@ def test_read_only_and_non_contiguous_inputs(backend):
     outputs, grads = run(backend, odd_args, *(strided_read_only(a) for a in (dy, dh_T, dc_T)))
     for a, b in zip(outputs + tuple(grads), want_outputs + tuple(want_grads)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 3, 130), (6, 3, 5, 17), (7, 16, 3, 33)], ids=shape_id)
+def test_backward_without_dx(backend, n_threads, shape):
+    # The backends' need_dx=False (a first layer's input gradient is not needed): dx is None,
+    # every other gradient as with it.
+    T, B, D, H = shape
+    args = make_problem(T, B, D, H, np.float32, seed=sum(shape))
+    dy, dh_T, dc_T = make_upstream(T, B, H, np.float32)
+    _, _, _, cache = fastlstm.lstm_forward(**args, backend=backend, return_cache=True)
+    full = fastlstm.lstm_backward(dy, cache, dh_T, dc_T)
+    without = backward_grads(dy, cache, dh_T, dc_T, need_dx=False)
+    assert without.dx is None
+    for name in FIELDS[1:]:
+        np.testing.assert_array_equal(getattr(without, name), getattr(full, name), err_msg=name)
 
 
 def lengths_for(T, B, seed):

@@ -453,7 +453,10 @@ cdef void _weight_gradients(const floating *x, const floating *Wx, const floatin
                             const floating *y, const floating *da, floating *dx, floating *dWx,
                             floating *dWh, floating *db, Py_ssize_t T, Py_ssize_t B,
                             Py_ssize_t D, Py_ssize_t H, int n_threads) noexcept nogil:
-    """dx, dWx, dWh, db from all steps' da at once: dx split by rows, the rest by columns."""
+    """dx, dWx, dWh, db from all steps' da at once: dx split by rows, the rest by columns.
+
+    dx may be NULL: the caller needs no input gradient (a first layer), so its GEMM is skipped.
+    """
     cdef Py_ssize_t G = 4 * H
     cdef Py_ssize_t rows = T * B
     cdef Py_ssize_t row_begin, row_end, col_begin, col_end, r, n
@@ -464,8 +467,9 @@ cdef void _weight_gradients(const floating *x, const floating *Wx, const floatin
         row_begin = _bound(rows, team, part, 1)
         row_end = _bound(rows, team, part + 1, 1)
         # dx[rows] = da[rows] @ Wx.T
-        gemm(False, True, row_end - row_begin, D, G, 1, da + row_begin * G, G, Wx, G, 0,
-             dx + row_begin * D, D)
+        if dx != NULL:
+            gemm(False, True, row_end - row_begin, D, G, 1, da + row_begin * G, G, Wx, G, 0,
+                 dx + row_begin * D, D)
         # 16 columns = one 64-byte line of floats: threads never write the same line
         col_begin = _bound(G, team, part, 16)
         col_end = _bound(G, team, part + 1, 16)
@@ -499,11 +503,12 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
 
     Inputs: dy (T, B, H); from the forward call x, Wx, Wh, h0, c0, y, gates, c_all (T, B, H)
     and tanh_c (T, B, H). In/out: dh, dc (B, H): dh_T, dc_T on entry, dh0, dc0 on exit.
-    Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D),
-    dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by `pack_transposed_weights`
+    Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D) or None
+    (not computed), dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by `pack_transposed_weights`
     (read only without use_matvec). Caller holds BLAS to one thread.
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = Wh.shape[0]
+    cdef floating *dx_ptr = NULL if dx is None else &dx[0, 0, 0]
     with nogil:
         if use_matvec:
             _backward_matvec(&Wh[0, 0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
@@ -514,4 +519,4 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                             &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
                             T, B, H, n_threads)
         _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
-                          &dx[0, 0, 0], &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)
+                          dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)

@@ -88,14 +88,14 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed
     return y, h_T, c_last, None
 
 
-def backward(dy, dh_T, dc_T, cache, *, n_threads):
+def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     """Backend backward: see `fastlstm._backends.Backend`."""
     x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c = cache
     T, B, _ = x.shape
     da = np.empty_like(gates)
     dh = dh_T.copy()
     dc = dc_T.copy()
-    dx = np.empty_like(x)
+    dx = np.empty_like(x) if need_dx else None
     dWx = np.empty_like(Wx)
     dWh = np.empty_like(Wh)
     db = np.empty(Wh.shape[1], x.dtype)

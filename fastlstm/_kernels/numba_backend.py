@@ -783,7 +783,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     return y, h_T, c_T, cache
 
 
-def backward(dy, dh_T, dc_T, cache, *, n_threads):
+def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     x_rows, Wx, Wh, hs, cells, gates, tanh_cells = cache
     T, B, H = dy.shape
     D = x_rows.shape[1]
@@ -809,11 +809,11 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
             _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec,
                                    n_workers, dh, dc, dgates)
         dgates_rows = dgates.reshape(T * B, 4 * H)
-        dx = _matmul(dgates_rows, Wx.T, n_threads)
+        dx = _matmul(dgates_rows, Wx.T, n_threads).reshape(T, B, D) if need_dx else None
         dWx = _matmul_transposed(x_rows, dgates_rows, n_threads)
         dWh = _matmul_transposed(hs[:T].reshape(T * B, H), dgates_rows, n_threads)
     db = dgates_rows.sum(axis=0)
-    return dx.reshape(T, B, D), dh, dc, dWx, dWh, db
+    return dx, dh, dc, dWx, dWh, db
 
 
 def cells_from_cache(cache, c_T):

@@ -111,11 +111,12 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     return y, h_T, c_T, (step_caches, Wx, Wh) if need_cache else None
 
 
-def backward(dy, dh_T, dc_T, cache, *, n_threads):
+def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     """Backpropagation through time over the whole sequence.
 
     dy : (T, B, H) upstream gradient of y; dh_T, dc_T : (B, H) of the final states.
-    Returns dx : (T, B, D), dh0 : (B, H), dc0 : (B, H), dWx : (D, 4H), dWh : (H, 4H), db : (4H,).
+    Returns dx : (T, B, D) (None without ``need_dx``; the steps compute it anyway), dh0 : (B, H),
+    dc0 : (B, H), dWx : (D, 4H), dWh : (H, 4H), db : (4H,).
     """
     step_caches, Wx, Wh = cache
     T, B, H = dy.shape
@@ -131,7 +132,7 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
         dWx += dWx_t
         dWh += dWh_t
         db += db_t
-    return dx, dh_next.copy(), dc_next.copy(), dWx, dWh, db
+    return dx if need_dx else None, dh_next.copy(), dc_next.copy(), dWx, dWh, db
 
 
 def cells_from_cache(cache, c_T):
