@@ -28,6 +28,12 @@ def describe():
         lines.append(f"compiled extensions: built, OpenMP {openmp}")
     except ImportError as exc:
         lines.append(f"compiled extensions: missing ({exc})")
+    if "cython" in _backends.available_backends():
+        from ._kernels import _lstm_cython
+
+        lines.append(f"cython kernels: {_lstm_cython.isa()} build "
+                     f"(best for this CPU: {_lstm_cython.cpu_isa()}; FASTLSTM_DISABLE_SIMD=1 "
+                     "forces portable)")
     for lib in _threads._blas_controllers():
         lines.append(
             f"BLAS: {lib.internal_api} {lib.version} ({lib.threading_layer}), "

@@ -1,8 +1,9 @@
 """Checks specific to the Cython backend: its portable (non-SIMD) kernels, the activations, the
 packing of the recurrent weights, the row-major BLAS helper and the floating-point state.
 
-The backend-parametrized suite (test_backends.py) runs the default (SIMD where the CPU has it)
-kernels; here the portable build runs through the same comparison with the reference.
+The backend-parametrized suite (test_backends.py) runs the default (the best build the CPU has)
+kernels; here every build (portable, AVX2, AVX-512) runs through the same comparison with the
+reference.
 """
 
 import os
@@ -18,6 +19,7 @@ if "cython" not in fastlstm.available_backends():
     pytest.skip("the cython backend is not built here", allow_module_level=True)
 
 from fastlstm._kernels import _blas, _lstm_cython, cython_backend  # noqa: E402
+from fastlstm._api import forward_padded  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 TOLERANCE = {np.float64: (1e-10, 1e-10), np.float32: (1e-5, 1e-4)}  # DESIGN.md §3
@@ -25,17 +27,17 @@ TOLERANCE = {np.float64: (1e-10, 1e-10), np.float32: (1e-5, 1e-4)}  # DESIGN.md 
 ACTIVATION_TOLERANCE = {np.float32: 2.5e-7, np.float64: 1e-14}
 
 
-@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+@pytest.fixture(params=_lstm_cython.ISAS)
 def simd(request):
-    """Run under the AVX2 kernels (skipped where the CPU lacks them) and the portable ones."""
-    if request.param and not _lstm_cython.cpu_has_simd():
-        pytest.skip("this CPU has no AVX2+FMA")
-    before = _lstm_cython.simd_active()
-    _lstm_cython._set_simd(request.param)
+    """Run under each kernel build (skipped where the CPU lacks its instructions)."""
+    if _lstm_cython.ISAS.index(request.param) > _lstm_cython.ISAS.index(_lstm_cython.cpu_isa()):
+        pytest.skip(f"this CPU does not run the {request.param} kernels")
+    before = _lstm_cython.isa()
+    assert _lstm_cython._set_isa(request.param) == request.param
     try:
         yield request.param
     finally:
-        _lstm_cython._set_simd(before)
+        _lstm_cython._set_isa(before)
 
 
 @pytest.fixture(params=[0, 10**6], ids=["loop-tiles", "loop-matvec"])
@@ -73,6 +75,28 @@ def test_kernels_match_reference(shape, dtype, simd, n_threads, min_rows_per_thr
     # without a cache the forward call takes its no-history path
     for got, want in zip(fastlstm.lstm_forward(**args, backend="cython"), (y, h_T, c_T)):
         np.testing.assert_allclose(got, want, rtol=0, atol=forward_tol)
+
+
+@pytest.mark.parametrize("chunk_steps", [1, 3, 7])
+def test_inference_in_chunks_of_time_steps(chunk_steps, n_threads, min_rows_per_thread,
+                                           monkeypatch):
+    """A long no-cache forward runs in chunks of steps: the same outputs as one pass."""
+    T, B, D, H = 8, 3, 5, 11
+    args = make_problem(T, B, D, H, dtype=np.float32)
+    whole = fastlstm.lstm_forward(**args, backend="cython")
+    monkeypatch.setattr(cython_backend, "INFERENCE_GATES_BYTES", chunk_steps * B * 4 * H * 4)
+    chunked = fastlstm.lstm_forward(**args, backend="cython")
+    for got, want in zip(chunked, whole):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # with lengths, each row's final states are read in whichever chunk holds its last step
+    lengths = np.array([8, 0, 5], np.intp)
+    _, h_T, c_T = forward_padded(**args, backend="cython", lengths=lengths)
+    for row, length in enumerate(lengths):
+        alone = dict(args, x=args["x"][:length, row : row + 1], h0=args["h0"][row : row + 1],
+                     c0=args["c0"][row : row + 1])
+        _, h_want, c_want = fastlstm.lstm_forward(**alone, backend="cython")
+        np.testing.assert_allclose(h_T[row], h_want[0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(c_T[row], c_want[0], rtol=0, atol=1e-6)
 
 
 def activation_inputs():
@@ -225,4 +249,23 @@ def test_environment_variable_disables_simd():
 def test_simd_default_follows_cpu():
     if os.environ.get("FASTLSTM_DISABLE_SIMD", "0") not in ("", "0"):
         pytest.skip("FASTLSTM_DISABLE_SIMD is set")
+    assert _lstm_cython.isa() == _lstm_cython.cpu_isa()
     assert _lstm_cython.simd_active() == _lstm_cython.cpu_has_simd()
+
+
+def test_packed_weights_follow_the_kernel_build():
+    """A `pack` made under one build is not used by another (their block widths differ)."""
+    before = _lstm_cython.isa()
+    args = make_problem(5, 2, 3, 37, dtype=np.float32)
+    expected = fastlstm.lstm_forward(**args, backend="numpy")[0]
+    try:
+        for made_under in _lstm_cython.ISAS[: _lstm_cython.ISAS.index(_lstm_cython.cpu_isa()) + 1]:
+            _lstm_cython._set_isa(made_under)
+            packed = cython_backend.pack(args["Wh"])
+            for used_under in _lstm_cython.ISAS:
+                _lstm_cython._set_isa(used_under)
+                y = cython_backend.forward(*args.values(), need_cache=False, n_threads=1,
+                                           packed=packed)[0]
+                np.testing.assert_allclose(y, expected, atol=1e-5)
+    finally:
+        _lstm_cython._set_isa(before)

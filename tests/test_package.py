@@ -49,6 +49,10 @@ def test_command_line_info():
     assert f"fastlstm {fastlstm.__version__}" in result.stdout
     assert f"available backends: {', '.join(fastlstm.available_backends())}" in result.stdout
     assert "threads:" in result.stdout
+    if "cython" in fastlstm.available_backends():
+        from fastlstm._kernels import _lstm_cython
+
+        assert f"cython kernels: {_lstm_cython.isa()} build" in result.stdout
 
 
 def test_denormals_survive_import_and_every_backend():

@@ -28,19 +28,22 @@ Gate blocks along the 4H axis: i, f, o, g.
 import os
 
 from cython cimport floating
-from cython.parallel cimport parallel, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.string cimport memcpy
 
 from fastlstm._kernels._blas cimport gemm
 
 
 cdef extern from "csrc/lstm_kernels.h" nogil:
-    int FASTLSTM_UNITS_F32
-    int FASTLSTM_UNITS_F64
-    int fastlstm_cpu_has_simd()
-    int fastlstm_set_simd(int wanted)
+    int FASTLSTM_ISA_PORTABLE
+    int FASTLSTM_ISA_AVX2
+    int FASTLSTM_ISA_AVX512
+    int fastlstm_cpu_isa()
+    int fastlstm_set_isa(int wanted)
+    int fastlstm_isa
+    int fastlstm_units_f32()
+    int fastlstm_units_f64()
     int fastlstm_team_size()
-    int fastlstm_simd_active
 
     ctypedef struct fastlstm_barrier:
         pass
@@ -93,26 +96,40 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
 
 # ---- instruction set -------------------------------------------------------------------------
 
-def cpu_has_simd():
-    """Whether this CPU runs the AVX2+FMA kernels."""
-    return bool(fastlstm_cpu_has_simd())
+#: The kernel builds, in order: each runs on a subset of the CPUs the one before it runs on.
+ISAS = ("portable", "avx2", "avx512")
 
 
-def _set_simd(bint wanted):
-    """Use the AVX2+FMA kernels (if the CPU has them) or the portable ones; returns the choice.
+def cpu_isa():
+    """The best kernel build this CPU runs: "avx512" (x86-64-v4), "avx2" (AVX2+FMA), "portable"."""
+    return ISAS[fastlstm_cpu_isa()]
 
-    Private: for the tests, which run the portable kernels against the reference.
+
+def _set_isa(str wanted):
+    """Run the best kernel build up to `wanted` (a name of ISAS) that the CPU has; returns its name.
+
+    Private: for the tests, which run every build against the reference.
     """
-    return bool(fastlstm_set_simd(wanted))
+    return ISAS[fastlstm_set_isa(ISAS.index(wanted))]
+
+
+def isa():
+    """The kernel build now in use (a name of ISAS)."""
+    return ISAS[fastlstm_isa]
+
+
+def cpu_has_simd():
+    """Whether this CPU runs a vectorised (AVX2+FMA or AVX-512) build of the kernels."""
+    return cpu_isa() != "portable"
 
 
 def simd_active():
-    """Whether the kernels now run the AVX2+FMA build."""
-    return bool(fastlstm_simd_active)
+    """Whether the kernels now run a vectorised build."""
+    return isa() != "portable"
 
 
 # FASTLSTM_DISABLE_SIMD=1 in the environment at import forces the portable kernels.
-_set_simd(os.environ.get("FASTLSTM_DISABLE_SIMD", "0") in ("", "0"))
+_set_isa("portable" if os.environ.get("FASTLSTM_DISABLE_SIMD", "0") not in ("", "0") else "avx512")
 
 
 # ---- element-wise activations (exposed for the tests) ----------------------------------------
@@ -137,9 +154,15 @@ def tanh(const floating[::1] x, floating[::1] out):
 
 # ---- packing ---------------------------------------------------------------------------------
 
+cdef inline Py_ssize_t _units(floating *type_tag) noexcept nogil:
+    """Hidden units per packed block for this element type and the kernel build in use."""
+    return fastlstm_units_f32() if floating is float else fastlstm_units_f64()
+
+
 def units_per_block(dtype_size):
-    """Hidden units per block of the packed recurrent weights for an element of that size."""
-    return FASTLSTM_UNITS_F32 if dtype_size == 4 else FASTLSTM_UNITS_F64
+    """Hidden units per block of the packed recurrent weights for an element of that size
+    (one vector of the kernel build in use)."""
+    return fastlstm_units_f32() if dtype_size == 4 else fastlstm_units_f64()
 
 
 def packed_size(Py_ssize_t H, dtype_size):
@@ -148,28 +171,40 @@ def packed_size(Py_ssize_t H, dtype_size):
     return (H + units - 1) // units * H * 4 * units
 
 
-def pack_recurrent_weights(const floating[:, ::1] Wh, floating[::1] packed):
+# Rows of Wh per pass of the packing loops: a pass reads PACK_ROWS whole rows (S5: 64 x 16 KiB,
+# in L2) into every block's panels, rather than one block's column strip down all H rows, each
+# row a new page (TLB misses: S5 pack on one thread 9.8 -> 3.0 ms, the transposed one 13 -> 6 ms).
+cdef enum:
+    PACK_ROWS = 64
+
+
+def pack_recurrent_weights(const floating[:, ::1] Wh, floating[::1] packed, int n_threads=1):
     """Arrange Wh (H, 4H) for the forward kernels: per block of U hidden units, a panel of H rows
-    of [i|f] x U, then a panel of H rows of [o|g] x U.
+    of [i|f] x U, then a panel of H rows of [o|g] x U. Blocks are split across n_threads threads.
 
     packed[(((blk * 2 + half) * H + k) * 2 + q2) * U + j] = Wh[k, (2 * half + q2) * H + blk * U + j],
     0 where that unit >= H.
     """
     cdef Py_ssize_t H = Wh.shape[0]
-    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
-    cdef Py_ssize_t blk, half, k, q, j, n
-    cdef floating *out = &packed[0]
-    with nogil:
-        for blk in range(n_blocks):
-            n = min(units, H - blk * units)
-            for half in range(2):
-                for k in range(H):
-                    for q in range(2 * half, 2 * half + 2):
-                        memcpy(out, &Wh[k, q * H + blk * units], n * sizeof(floating))
-                        for j in range(n, units):
-                            out[j] = 0
-                        out += units
+    cdef Py_ssize_t blk, blk_begin, blk_end, k_pass, k0, half, k, q, j, n
+    cdef floating *out
+    with nogil, parallel(num_threads=n_threads):
+        blk_begin = _bound(n_blocks, fastlstm_team_size(), threadid(), 1)
+        blk_end = _bound(n_blocks, fastlstm_team_size(), threadid() + 1, 1)
+        for k_pass in range((H + PACK_ROWS - 1) // PACK_ROWS):
+            k0 = k_pass * PACK_ROWS
+            for blk in range(blk_begin, blk_end):
+                n = min(units, H - blk * units)
+                for half in range(2):
+                    out = &packed[((blk * 2 + half) * H + k0) * 2 * units]
+                    for k in range(k0, min(k0 + PACK_ROWS, H)):
+                        for q in range(2 * half, 2 * half + 2):
+                            memcpy(out, &Wh[k, q * H + blk * units], n * sizeof(floating))
+                            for j in range(n, units):
+                                out[j] = 0
+                            out = out + units
 
 
 def packed_transposed_size(Py_ssize_t H, dtype_size):
@@ -178,29 +213,35 @@ def packed_transposed_size(Py_ssize_t H, dtype_size):
     return (H + width - 1) // width * width * 4 * H
 
 
-def pack_transposed_weights(const floating[:, ::1] Wh, floating[::1] packed_t):
+def pack_transposed_weights(const floating[:, ::1] Wh, floating[::1] packed_t, int n_threads=1):
     """Arrange Wh.T (4H, H) for the backward tiles: per block of N = 2U hidden units j, 4H rows
-    of N values.
+    of N values. Blocks are split across n_threads threads.
 
     packed_t[(blk * 4H + k) * N + j] = Wh[blk * N + j, k], 0 where that unit >= H.
     """
     cdef Py_ssize_t H = Wh.shape[0], G = Wh.shape[1]
-    cdef Py_ssize_t width = 2 * (FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64)
+    cdef Py_ssize_t width = 2 * _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + width - 1) // width
     cdef Py_ssize_t blk, k, j, n
     cdef floating *out
-    with nogil:
-        for blk in range(n_blocks):
-            n = min(width, H - blk * width)
-            out = &packed_t[blk * G * width]
-            for k in range(G):
-                for j in range(n):
+    cdef Py_ssize_t k_pass, k0, k_end
+    for blk in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
+        n = min(width, H - blk * width)
+        out = &packed_t[blk * G * width]
+        # tiles of N rows x PACK_ROWS values: rows read along, written across, both in L1
+        for k_pass in range((G + PACK_ROWS - 1) // PACK_ROWS):
+            k0 = k_pass * PACK_ROWS
+            k_end = min(k0 + PACK_ROWS, G)
+            for j in range(n):
+                for k in range(k0, k_end):
                     out[k * width + j] = Wh[blk * width + j, k]
-                for j in range(n, width):
+            for j in range(n, width):
+                for k in range(k0, k_end):
                     out[k * width + j] = 0
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
 
 cdef inline Py_ssize_t _bound(Py_ssize_t n, int parts, int part, Py_ssize_t grain) noexcept nogil:
     """Start of share `part` of `parts` near-equal shares of range(n), cut at multiples of grain.
@@ -255,7 +296,7 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
                           int n_threads, const Py_ssize_t *last_steps=NULL,
                           floating *c_last=NULL) noexcept nogil:
     """The time loop: threads split the hidden-unit blocks, one barrier a step."""
-    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
     cdef Py_ssize_t G = 4 * H
     cdef Py_ssize_t BH = B * H
@@ -300,7 +341,7 @@ cdef void _forward_batch(const floating *packed, const floating *h0, const float
                          int n_threads, const Py_ssize_t *last_steps=NULL,
                          floating *c_last=NULL) noexcept nogil:
     """The time loop for batches: threads split the batch rows and never synchronise."""
-    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
     cdef Py_ssize_t BH = B * H
     cdef Py_ssize_t row_begin, row_end, t
@@ -385,7 +426,7 @@ cdef void _backward_matvec(const floating *Wh, const floating *c0, const floatin
     step, so the next step may start while the other thread still reads da_t.
     """
     cdef Py_ssize_t G = 4 * H
-    cdef Py_ssize_t units = FASTLSTM_UNITS_F32 if floating is float else FASTLSTM_UNITS_F64
+    cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t u_begin, u_end, t, row, step
     cdef int team
     cdef fastlstm_barrier barrier
@@ -491,6 +532,34 @@ cdef void _weight_gradients(const floating *x, const floating *Wx, const floatin
                     db[n] += da[r * G + n]
 
 
+cdef void _weight_gradients_by_blas(const floating *x, const floating *Wx, const floating *h0,
+                                    const floating *y, const floating *da, floating *dx,
+                                    floating *dWx, floating *dWh, floating *db, Py_ssize_t T,
+                                    Py_ssize_t B, Py_ssize_t D, Py_ssize_t H) noexcept nogil:
+    """dx, dWx, dWh, db as whole GEMMs on BLAS's own threads (no parallel region here).
+
+    dx may be NULL: no input gradient is needed, its GEMM is skipped.
+    """
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t rows = T * B
+    cdef Py_ssize_t r, n
+    # dx = da @ Wx.T
+    if dx != NULL:
+        gemm(False, True, rows, D, G, 1, da, G, Wx, G, 0, dx, D)
+    # dWx = x.reshape(T*B, D).T @ da
+    gemm(True, False, D, G, rows, 1, x, D, da, G, 0, dWx, G)
+    # dWh = h0.T @ da[0] + y[:T-1].reshape(-1, H).T @ da[1:]
+    gemm(True, False, H, G, B, 1, h0, H, da, G, 0, dWh, G)
+    if T > 1:
+        gemm(True, False, H, G, (T - 1) * B, 1, y, H, da + B * G, G, 1, dWh, G)
+    # db = da.sum(axis=0)
+    for n in range(G):
+        db[n] = 0
+    for r in range(rows):
+        for n in range(G):
+            db[n] += da[r * G + n]
+
+
 def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
              const floating[:, ::1] Wx, const floating[:, ::1] Wh, const floating[:, ::1] h0,
              const floating[:, ::1] c0, const floating[:, :, ::1] y,
@@ -498,14 +567,14 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
              const floating[:, :, ::1] tanh_c, floating[:, :, ::1] da, floating[:, ::1] dh,
              floating[:, ::1] dc, floating[:, :, ::1] dx, floating[:, ::1] dWx,
              floating[:, ::1] dWh, floating[::1] db, const floating[::1] packed_t,
-             bint use_matvec, int n_threads):
+             bint use_matvec, int n_threads, bint blas_owns_cores=False):
     """LSTM backward pass (BPTT) into preallocated arrays.
 
     Inputs: dy (T, B, H); from the forward call x, Wx, Wh, h0, c0, y, gates, c_all (T, B, H)
     and tanh_c (T, B, H). In/out: dh, dc (B, H): dh_T, dc_T on entry, dh0, dc0 on exit.
     Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D) or None
-    (not computed), dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by `pack_transposed_weights`
-    (read only without use_matvec). Caller holds BLAS to one thread.
+    (not computed), dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by
+    `pack_transposed_weights` (read only without use_matvec). Caller holds BLAS to one thread.
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = Wh.shape[0]
     cdef floating *dx_ptr = NULL if dx is None else &dx[0, 0, 0]
@@ -518,5 +587,10 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
             _backward_batch(&packed_t[0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
                             &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
                             T, B, H, n_threads)
-        _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
-                          dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)
+        if blas_owns_cores:
+            _weight_gradients_by_blas(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0],
+                                      &da[0, 0, 0], dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0],
+                                      T, B, D, H)
+        else:
+            _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
+                              dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)

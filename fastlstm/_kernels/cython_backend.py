@@ -1,4 +1,5 @@
-"""Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 chosen at run time.
+"""Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 or AVX-512 chosen at
+run time.
 
 This module is the glue: it allocates outputs and scratch, packs the recurrent weights (Wh for
 the forward kernels, Wh.T for the backward's batch loop), holds BLAS to one thread while the
@@ -24,6 +25,16 @@ from . import _lstm_cython
 MIN_ROWS_PER_THREAD = 4
 
 
+#: Most bytes of pre-activations (T·B·4H values) an inference call (no cache) keeps at once: longer
+#: sequences run in chunks of time steps, each chunk's input projection one GEMM of at least
+#: B·(steps per chunk) rows. A fresh (T, B, 4H) array above glibc's mmap threshold (32 MiB) is
+#: page-faulted in at every call: S5 (84 MB) spent 6.3 ms of ~300 on it, S4 (52 MB) 3.5 ms.
+INFERENCE_GATES_BYTES = 16 << 20
+
+
+WEIGHT_GRADIENTS_ON_BLAS_THREADS = False
+
+
 def use_matvec(B, n_threads):
     """Whether a batch of B rows runs the matvec time loops on n_threads threads."""
     return B < MIN_ROWS_PER_THREAD * n_threads
@@ -32,60 +43,73 @@ def use_matvec(B, n_threads):
 class PackedWeights(NamedTuple):
     """Recurrent weights arranged for the forward kernels, made once by `pack`.
 
-    Wh : the (H, 4H) array it was made from; packed : the arrangement (1-D, Wh's dtype).
+    Wh : the (H, 4H) array it was made from; packed : the arrangement (1-D, Wh's dtype);
+    units : hidden units per block, which depends on the kernel build in use when it was made.
     """
 
     Wh: np.ndarray
     packed: np.ndarray
+    units: int
 
 
-def pack(Wh):
-    """Arrange the recurrent weights Wh (H, 4H) for the forward kernels.
+def pack(Wh, n_threads=1):
+    """Arrange the recurrent weights Wh (H, 4H) for the forward kernels, on n_threads threads.
 
     A layer that keeps its weights between calls packs them once and passes the result as
     ``forward(..., packed=...)`` (with that same Wh array; pack again after changing Wh),
-    otherwise every forward call packs them (S2: ~0.1 ms of the call's time, S5: ~5 ms).
+    otherwise every forward call packs them (one thread: S2 ~0.07 ms of the call's time, S5 ~7 ms).
     """
     Wh = np.ascontiguousarray(Wh)
     packed = np.empty(_lstm_cython.packed_size(Wh.shape[0], Wh.dtype.itemsize), Wh.dtype)
-    _lstm_cython.pack_recurrent_weights(Wh, packed)
-    return PackedWeights(Wh, packed)
+    _lstm_cython.pack_recurrent_weights(Wh, packed, n_threads)
+    return PackedWeights(Wh, packed, _lstm_cython.units_per_block(Wh.dtype.itemsize))
 
 
 def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed=None):
     """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`.
 
-    With ``lengths`` and no cache, the time loop copies each row's cell state at its last step
-    (one compare per row and step), instead of keeping every step's cell state.
+    With ``lengths`` and no cache, the time loop copies each row's cell state at its last step,
+    instead of keeping every step's cell state.
     """
     T, B, _ = x.shape
     H = Wh.shape[0]
-    if packed is not None and packed.Wh is Wh:
+    units = _lstm_cython.units_per_block(x.dtype.itemsize)
+    if packed is not None and packed.Wh is Wh and packed.units == units:
         packed_array = packed.packed
     else:
-        packed_array = pack(Wh).packed
-    gates = np.empty((T, B, 4 * H), x.dtype)
+        packed_array = pack(Wh, n_threads).packed
     y = np.empty((T, B, H), x.dtype)
-    last_steps = c_last = None
+    matvec = use_matvec(B, n_threads)
     if need_cache:
+        gates = np.empty((T, B, 4 * H), x.dtype)
         c_store = np.empty((T, B, H), x.dtype)
         tanh_c = np.empty((T, B, H), x.dtype)
-    else:
-        c_store = c0.copy()[np.newaxis]
-        tanh_c = np.empty((0, B, H), x.dtype)
-        if lengths is not None:
-            last_steps = lengths - 1
-            c_last = c0.copy()  # rows of length 0 keep c0
+        with _threads.blas_threads(1):
+            _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y, c_store, tanh_c,
+                                 matvec, n_threads)
+        cache = (x, Wx, Wh, h0, c0, y, gates, c_store, tanh_c)
+        if lengths is None:
+            return y, y[-1].copy(), c_store[-1].copy(), cache
+        return y, state_at_lengths(y, h0, lengths), state_at_lengths(c_store, c0, lengths), cache
+    step_bytes = B * 4 * H * x.itemsize
+    chunk = max(1, min(T, INFERENCE_GATES_BYTES // step_bytes))
+    gates = np.empty((chunk, B, 4 * H), x.dtype)
+    c_store = c0.copy()[np.newaxis]  # c0 on entry, the latest cell state after each chunk
+    no_history = np.empty((0, B, H), x.dtype)
+    # With lengths, the time loop copies each row's cell state at its last step into c_last
+    # (one compare per row and step; last steps outside a chunk match none of its steps).
+    c_last = None if lengths is None else c0.copy()  # rows of length 0 keep c0
     with _threads.blas_threads(1):
-        _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y, c_store, tanh_c,
-                             use_matvec(B, n_threads), n_threads, last_steps, c_last)
-    cache = (x, Wx, Wh, h0, c0, y, gates, c_store, tanh_c) if need_cache else None
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            h_prev = h0 if t0 == 0 else y[t0 - 1]
+            _lstm_cython.forward(x[t0:t1], Wx, Wh, b, packed_array, h_prev, c0,
+                                 gates[: t1 - t0], y[t0:t1], c_store, no_history, matvec,
+                                 n_threads, None if lengths is None else lengths - 1 - t0,
+                                 c_last)
     if lengths is None:
-        return y, y[-1].copy(), c_store[-1].copy(), cache
-    h_T = state_at_lengths(y, h0, lengths)
-    if need_cache:
-        return y, h_T, state_at_lengths(c_store, c0, lengths), cache
-    return y, h_T, c_last, None
+        return y, y[-1].copy(), c_store[-1].copy(), None
+    return y, state_at_lengths(y, h0, lengths), c_last, None
 
 
 def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
@@ -105,10 +129,14 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
         x.dtype,
     )
     if not matvec:
-        _lstm_cython.pack_transposed_weights(Wh, packed_t)
-    with _threads.blas_threads(1):
+        _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
+    if WEIGHT_GRADIENTS_ON_BLAS_THREADS:
         _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx,
-                              dWx, dWh, db, packed_t, matvec, n_threads)
+                              dWx, dWh, db, packed_t, matvec, n_threads, True)
+    else:
+        with _threads.blas_threads(1):
+            _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx,
+                                  dWx, dWh, db, packed_t, matvec, n_threads)
     return dx, dh, dc, dWx, dWh, db
 
 

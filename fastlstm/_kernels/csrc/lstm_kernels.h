@@ -1,9 +1,10 @@
 /* C helpers of the Cython backend (_lstm_cython.pyx): vectorised LSTM step kernels in a portable
- * build and, on x86-64, an AVX2+FMA build chosen at run time; a spin barrier; OpenMP queries.
+ * build and, on x86-64, AVX2+FMA and AVX-512 builds chosen at run time; a spin barrier; OpenMP
+ * queries.
  *
- * Every kernel is compiled from lstm_kernels_impl.h once per (float, double) x (portable, avx2).
- * The Cython code calls the names fastlstm_<kernel>_<f32|f64>, which pick the AVX2 build when
- * fastlstm_simd_active is set (fastlstm_set_simd: CPU support and the user's wish).
+ * Every kernel is compiled from lstm_kernels_impl.h once per (float, double) x (portable, avx2,
+ * avx512). The Cython code calls the names fastlstm_<kernel>_<f32|f64>, which pick the build of
+ * fastlstm_isa (fastlstm_set_isa: the best the CPU has, capped by the caller's wish).
  */
 #ifndef FASTLSTM_LSTM_KERNELS_H
 #define FASTLSTM_LSTM_KERNELS_H
@@ -29,6 +30,9 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
+/* The x86-64-v4 set (Skylake-X, Zen 4 and later): 64-byte vectors, 32 vector registers. */
+#define FASTLSTM_AVX512_ATTR __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
+
 /* ---- float ---- */
 #define REAL float
 #define IREAL int32_t
@@ -49,6 +53,13 @@
 #if FASTLSTM_X86_SIMD
 #define KERNEL_ATTR __attribute__((target("avx2,fma")))
 #define SUFFIX(name) name##_f32_avx2
+#include "lstm_kernels_impl.h"
+#undef KERNEL_ATTR
+#undef SUFFIX
+#undef LANES
+#define LANES 16
+#define KERNEL_ATTR FASTLSTM_AVX512_ATTR
+#define SUFFIX(name) name##_f32_avx512
 #include "lstm_kernels_impl.h"
 #undef KERNEL_ATTR
 #undef SUFFIX
@@ -87,6 +98,13 @@
 #include "lstm_kernels_impl.h"
 #undef KERNEL_ATTR
 #undef SUFFIX
+#undef LANES
+#define LANES 8
+#define KERNEL_ATTR FASTLSTM_AVX512_ATTR
+#define SUFFIX(name) name##_f64_avx512
+#include "lstm_kernels_impl.h"
+#undef KERNEL_ATTR
+#undef SUFFIX
 #endif
 #undef REAL
 #undef IREAL
@@ -99,32 +117,46 @@
 #undef LN2_LO
 #undef ROUND_MAGIC
 
-/* Hidden units per block of the packed recurrent weights (LANES in lstm_kernels_impl.h). */
-#define FASTLSTM_UNITS_F32 8
-#define FASTLSTM_UNITS_F64 4
-
 /* ---- run-time choice of the instruction set ---- */
-static int fastlstm_simd_active = 0;
+#define FASTLSTM_ISA_PORTABLE 0
+#define FASTLSTM_ISA_AVX2 1
+#define FASTLSTM_ISA_AVX512 2
 
-static int fastlstm_cpu_has_simd(void)
+static int fastlstm_isa = FASTLSTM_ISA_PORTABLE;
+
+/* The best instruction set of this CPU that the kernels have a build for. */
+static int fastlstm_cpu_isa(void)
 {
 #if FASTLSTM_X86_SIMD
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+        return FASTLSTM_ISA_PORTABLE;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+        return FASTLSTM_ISA_AVX512;
+    return FASTLSTM_ISA_AVX2;
 #else
-    return 0;
+    return FASTLSTM_ISA_PORTABLE;
 #endif
 }
 
-/* Use the AVX2 kernels if wanted and the CPU has them; returns whether they are now in use. */
-static int fastlstm_set_simd(int wanted)
+/* Use the best build up to `wanted` that the CPU runs; returns the one now in use. */
+static int fastlstm_set_isa(int wanted)
 {
-    fastlstm_simd_active = wanted && fastlstm_cpu_has_simd();
-    return fastlstm_simd_active;
+    int best = fastlstm_cpu_isa();
+    fastlstm_isa = wanted < best ? wanted : best;
+    return fastlstm_isa;
 }
 
+/* Hidden units per block of the packed recurrent weights: one vector of the build in use. */
+static int fastlstm_units_f32(void) { return fastlstm_isa == FASTLSTM_ISA_AVX512 ? 16 : 8; }
+static int fastlstm_units_f64(void) { return fastlstm_isa == FASTLSTM_ISA_AVX512 ? 8 : 4; }
+
 #if FASTLSTM_X86_SIMD
-#define FASTLSTM_PICK(name, type) (fastlstm_simd_active ? name##_##type##_avx2 : name##_##type##_portable)
+#define FASTLSTM_PICK(name, type)                                                                \
+    (fastlstm_isa == FASTLSTM_ISA_AVX512 ? name##_##type##_avx512                                 \
+     : fastlstm_isa == FASTLSTM_ISA_AVX2 ? name##_##type##_avx2                                   \
+                                         : name##_##type##_portable)
 #else
 #define FASTLSTM_PICK(name, type) (name##_##type##_portable)
 #endif

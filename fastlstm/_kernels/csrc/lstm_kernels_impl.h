@@ -2,7 +2,7 @@
  * (element type, instruction set). The includer defines
  *   REAL        float or double
  *   IREAL       the integer type of REAL's width (int32_t / int64_t), for exponent bits
- *   LANES       REALs per 32-byte vector (8 / 4)
+ *   LANES       REALs per vector: 32 bytes (8 / 4) or, for AVX-512, 64 bytes (16 / 8)
  *   SUFFIX(n)   the instantiation's name for n, e.g. n##_f32_avx2
  *   KERNEL_ATTR the target attribute of every function here (empty for the portable build)
  *   EXP_CLAMP   |x| bound that keeps exp(x) finite and normal; EXP_DEGREE, MANT_BITS, EXP_BIAS
@@ -15,8 +15,8 @@
 #define VEC SUFFIX(vec)
 #define IVEC SUFFIX(ivec)
 
-typedef REAL VEC __attribute__((vector_size(32)));
-typedef IREAL IVEC __attribute__((vector_size(32)));
+typedef REAL VEC __attribute__((vector_size(LANES * sizeof(REAL))));
+typedef IREAL IVEC __attribute__((vector_size(LANES * sizeof(REAL))));
 
 KERNEL_ATTR static inline VEC SUFFIX(vload)(const REAL *p)
 {
@@ -31,7 +31,9 @@ KERNEL_ATTR static inline void SUFFIX(vstore)(REAL *p, VEC v) { memcpy(p, &v, si
  * lane: an initializer list becomes one broadcast instruction. */
 KERNEL_ATTR static inline VEC SUFFIX(vbroadcast)(REAL s)
 {
-#if LANES == 8
+#if LANES == 16
+    return (VEC){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+#elif LANES == 8
     return (VEC){s, s, s, s, s, s, s, s};
 #else
     return (VEC){s, s, s, s};
@@ -238,8 +240,8 @@ KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w_if, cons
     SUFFIX(add_to_gates)(ie + io, fe + fo, oe + oo, ge + go, gates_r, H, u, n);
 }
 
-/* k values per pass over a block's weights: KC·4·LANES values (8 KiB of float) stay in the
- * 32 KiB L1 cache while every row pair of the batch reuses them. */
+/* k values per pass over a block's weights: KC·4·LANES values (8 KiB of float, 16 KiB with
+ * AVX-512) stay in the 32 KiB L1 cache while every row pair of the batch reuses them. */
 #define KC 64
 
 /* One forward step for the hidden-unit blocks [blk_begin, blk_end) of `rows` batch rows:
