@@ -39,7 +39,8 @@ def fastlstm_train_step(weights, x, dy, backend, lr=1e-3):
 
     def step():
         _, _, cache = layer.forward_train(x)
-        optimizer.step(layer.backward(dy, cache))
+        # No input gradient: torch computes none either (its x does not require grad).
+        optimizer.step(layer.backward(dy, cache, need_dx=False))
 
     return step, lambda: layer.weights
 

@@ -93,6 +93,18 @@ def lstm_forward(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=F
     All arrays share one dtype, float32 or float64, which the outputs keep. Inputs are never
     modified.
     """
+    return forward_padded(x, Wx, Wh, b, h0, c0, backend=backend, return_cache=return_cache)
+
+
+def forward_padded(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=False,
+                   lengths=None):
+    """`lstm_forward` plus ``lengths`` (for `fastlstm.LSTM`; not public API).
+
+    lengths : intp ndarray, shape (B,), values in [0, T], already validated, or None.
+        y covers all T steps of every row, but h_T and c_T are each row's states after its
+        first lengths[row] steps (h0, c0 where it is 0), read by the backend without keeping
+        every step's state.
+    """
     shape, dtype = check_forward_args(x, Wx, Wh, b, h0, c0)
     chosen = _resolve_backend(backend, shape)
     _, B, _, H = shape
@@ -109,6 +121,7 @@ def lstm_forward(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=F
             c0,
             need_cache=bool(return_cache),
             n_threads=n_threads,
+            lengths=lengths,
         )
     if return_cache:
         return y, h_T, c_T, LSTMCache(chosen.name, shape, dtype, data)
@@ -132,6 +145,13 @@ def lstm_backward(dy, cache, dh_T=None, dc_T=None):
     LSTMGrads
         ``(dx, dh0, dc0, dWx, dWh, db)``, each shaped and typed like its forward input.
     """
+    return backward_grads(dy, cache, dh_T, dc_T)
+
+
+def backward_grads(dy, cache, dh_T=None, dc_T=None, *, need_dx=True):
+    """`lstm_backward` plus ``need_dx`` (for `fastlstm.LSTM`; not public API): with False, the
+    input gradient is not computed and ``dx`` is None (a first layer's caller needs none).
+    """
     if not isinstance(cache, LSTMCache):
         raise TypeError(
             "cache must be the LSTMCache returned by lstm_forward(..., return_cache=True), "
@@ -145,6 +165,7 @@ def lstm_backward(dy, cache, dh_T=None, dc_T=None):
     n_threads = _threads.get_num_threads()
     with _threads.blas_threads(n_threads):
         grads = chosen.backward(
-            np.ascontiguousarray(dy), dh_T, dc_T, cache._data, n_threads=n_threads
+            np.ascontiguousarray(dy), dh_T, dc_T, cache._data, n_threads=n_threads,
+            need_dx=need_dx,
         )
     return LSTMGrads(*grads)

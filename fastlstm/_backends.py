@@ -11,6 +11,8 @@ import importlib
 import threading
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from . import _threads
 
 #: Backend names in the documented order, with the module that implements each.
@@ -24,11 +26,16 @@ BACKEND_MODULES = {
 class Backend(NamedTuple):
     """What a backend module provides.
 
-    forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads) -> (y, h_T, c_T, cache)
-    backward(dy, dh_T, dc_T, cache, *, n_threads) -> (dx, dh0, dc0, dWx, dWh, db)
+    forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None)
+        -> (y, h_T, c_T, cache)
+    backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True) -> (dx, dh0, dc0, dWx, dWh, db)
 
     Arrays arrive validated, C-contiguous and of one dtype (float32 or float64); inputs are
     read-only to the backend. ``cache`` is the backend's own object, opaque to the API.
+    ``lengths`` (B,) intp in [0, T], for padded batches: y still covers all T steps, but h_T
+    and c_T are each row's states after its first lengths[row] steps (h0, c0 for 0), as
+    `state_at_lengths` reads them from every step's states. The cache is unaffected.
+    ``need_dx=False``: the caller needs no input gradient; dx is None and may be skipped.
     ``speed_rank(T, B, D, H)`` orders backends for ``backend=None``: higher is faster.
     """
 
@@ -36,6 +43,16 @@ class Backend(NamedTuple):
     forward: Callable
     backward: Callable
     speed_rank: Callable
+
+
+def state_at_lengths(steps, initial, lengths):
+    """Each row's state after its first lengths[row] steps: steps[lengths[row] - 1, row], or
+    initial[row] where lengths[row] = 0. steps (T, B, H), initial (B, H); a new array.
+    """
+    state = initial.copy()
+    ran = np.flatnonzero(lengths)
+    state[ran] = steps[lengths[ran] - 1, ran]
+    return state
 
 
 _lock = threading.Lock()

@@ -75,15 +75,17 @@ def _cell_reader(name):
     return getattr(sys.modules.get(_backends.BACKEND_MODULES[name]), "cells_from_cache", None)
 
 
-def _forward(x, weights, h0, c0, backend, need_cells, need_cache=False):
+def _forward(x, weights, h0, c0, backend, need_cells, need_cache=False, lengths=None):
     """One direction of one layer over a time-major batch: ``lstm_forward`` plus, if asked, c_t
     and the `LSTMCache` that ``lstm_backward`` needs.
 
+    With ``lengths``, every row still runs all T steps, but h_T and c_T are each row's states
+    at its own last step (see `fastlstm._api.forward_padded`).
     Returns y (T, B, H), h_T, c_T (B, H), cells (T, B, H) or None, and the cache or None.
     """
     Wx, Wh, b = weights
     if not (need_cells or need_cache):
-        y, h_T, c_T = _api.lstm_forward(x, Wx, Wh, b, h0, c0, backend=backend)
+        y, h_T, c_T = _api.forward_padded(x, Wx, Wh, b, h0, c0, backend=backend, lengths=lengths)
         return y, h_T, c_T, None, None
     chosen = backend
     if need_cells:
@@ -94,6 +96,9 @@ def _forward(x, weights, h0, c0, backend, need_cells, need_cache=False):
             chosen = "numpy"
     y, h_T, c_T, cache = _api.lstm_forward(x, Wx, Wh, b, h0, c0, backend=chosen, return_cache=True)
     cells = _cell_reader(cache.backend)(cache._data, c_T) if need_cells else None
+    if lengths is not None:
+        h_T = _backends.state_at_lengths(y, np.zeros_like(h_T) if h0 is None else h0, lengths)
+        c_T = _backends.state_at_lengths(cells, np.zeros_like(c_T) if c0 is None else c0, lengths)
     return y, h_T, c_T, cells, cache
 
 
@@ -173,70 +178,87 @@ class _BatchPlan:
                 cells = cells[self.reverse_time, self.batch_cols]
         return y, h, c, cells, caches
 
-    def backward(self, dy, caches, dh_T, dc_T, weights, reverse):
+    def backward(self, dy, caches, dh_T, dc_T, weights, reverse, need_dx=True):
         """Gradients of one direction run by `run`: the segments in reverse order.
 
         dy (T, B, H) past each length is ignored (those outputs are constant zeros). A sequence
         outside a segment's running subset keeps its state gradient until the segment where it
-        ran its last step. Returns dx (T, B, D), zero past each length, dh0, dc0 (B, H), dWx,
-        dWh, db.
+        ran its last step. Returns dx (T, B, D), zero past each length (None without
+        ``need_dx``), dh0, dc0 (B, H), dWx, dWh, db.
         """
         if reverse:
             dy = dy[self.reverse_time, self.batch_cols]
         T, B, _ = dy.shape
-        dx = np.zeros((T, B, weights[0].shape[0]), dy.dtype)
+        dx = np.zeros((T, B, weights[0].shape[0]), dy.dtype) if need_dx else None
         dh, dc = dh_T.copy(), dc_T.copy()
         dWx, dWh, db = _zero_grads(weights)
         for (t0, t1, running), cache in zip(reversed(self.segments), reversed(caches)):
             if running is None:
-                grads = _api.lstm_backward(dy[t0:t1], cache, dh, dc)
-                dx[t0:t1], dh, dc = grads.dx, grads.dh0, grads.dc0
+                grads = _api.backward_grads(dy[t0:t1], cache, dh, dc, need_dx=need_dx)
+                dh, dc = grads.dh0, grads.dc0
+                if need_dx:
+                    dx[t0:t1] = grads.dx
             else:
-                grads = _api.lstm_backward(dy[t0:t1, running], cache, dh[running], dc[running])
-                dx[t0:t1, running] = grads.dx
+                grads = _api.backward_grads(
+                    dy[t0:t1, running], cache, dh[running], dc[running], need_dx=need_dx
+                )
                 dh[running], dc[running] = grads.dh0, grads.dc0
+                if need_dx:
+                    dx[t0:t1, running] = grads.dx
             dWx += grads.dWx
             dWh += grads.dWh
             db += grads.db
-        if reverse:
+        if reverse and need_dx:
             # reverse_time is its own inverse: it swaps steps t and length-1-t.
             dx = dx[self.reverse_time, self.batch_cols]
         return dx, dh, dc, dWx, dWh, db
 
 
-class _PaddedPlan(_BatchPlan):
+class _PaddedPlan:
     """Inference with lengths: one padded `lstm_forward` call per direction, then masking.
 
     Rows of a batch never mix, so the steps computed past a sequence's end change nothing
-    before it; outputs there are zeroed and each sequence's final state is read at its own
-    last step. The segments of `_BatchPlan` skip those steps but cost one kernel call per
+    before it; outputs there are zeroed, and the kernels hand back each sequence's final states
+    at its own last step (``lengths`` of `fastlstm._api.forward_padded`: the time loop pauses
+    at each distinct length to copy those rows' cell states, instead of keeping every step's).
+    The segments of `_BatchPlan` skip the steps past the ends but cost one kernel call per
     distinct length: with the compiled backends that measured 3-5x the padded run (T=100, B=32,
     D=128, H=256, lengths uniform in [1, T]: 69 ms vs 18 ms), while this plan costs ~1x it.
     Training keeps the segments, whose backward takes each final-state gradient at its step.
     """
 
     def __init__(self, lengths, T):
-        super().__init__(lengths, T)
         self.lengths = lengths
         self.past_end = np.arange(T)[:, np.newaxis] >= lengths
+        self._reverse_rows = None
+
+    def _reversed(self, sequence):
+        """Each row of sequence (T, B, F) reversed within its own length; steps past it stay.
+
+        The same permutation undoes it. One gather of rows through a flat index (made once per
+        plan) over the (T·B, F) view.
+        """
+        T, B, F = sequence.shape
+        if self._reverse_rows is None:
+            steps = np.arange(T)[:, np.newaxis]
+            reverse_time = np.where(steps < self.lengths, self.lengths - 1 - steps, steps)
+            self._reverse_rows = (reverse_time * B + np.arange(B)).ravel()
+        rows = np.ascontiguousarray(sequence).reshape(T * B, F)
+        return rows.take(self._reverse_rows, axis=0).reshape(T, B, F)
 
     def run(self, x, weights, h0, c0, backend, need_cells, reverse, need_caches=False):
         if reverse:
-            x = x[self.reverse_time, self.batch_cols]
-        T, B, _ = x.shape
-        H = weights[1].shape[0]
-        y, _, _, cells, _ = _forward(x, weights, h0, c0, backend, True, False)
-        h = np.zeros((B, H), x.dtype) if h0 is None else h0.copy()
-        c = np.zeros((B, H), x.dtype) if c0 is None else c0.copy()
-        ran = np.flatnonzero(self.lengths)
-        h[ran] = y[self.lengths[ran] - 1, ran]
-        c[ran] = cells[self.lengths[ran] - 1, ran]
+            x = self._reversed(x)
+        y, h, c, cells, _ = _forward(
+            x, weights, h0, c0, backend, need_cells, lengths=self.lengths
+        )
         y[self.past_end] = 0
-        cells[self.past_end] = 0
+        if need_cells:
+            cells[self.past_end] = 0
         if reverse:
-            y = y[self.reverse_time, self.batch_cols]
-            cells = cells[self.reverse_time, self.batch_cols]
-        return y, h, c, cells if need_cells else None, None
+            y = self._reversed(y)
+            cells = self._reversed(cells) if need_cells else None
+        return y, h, c, cells, None
 
 
 class _FullPlan:
@@ -251,11 +273,13 @@ class _FullPlan:
             cells = None if cells is None else cells[::-1]
         return y, h_T, c_T, cells, [cache] if need_caches else None
 
-    def backward(self, dy, caches, dh_T, dc_T, weights, reverse):
+    def backward(self, dy, caches, dh_T, dc_T, weights, reverse, need_dx=True):
         if reverse:
             dy = dy[::-1]
-        dx, dh0, dc0, dWx, dWh, db = _api.lstm_backward(dy, caches[0], dh_T, dc_T)
-        return dx[::-1] if reverse else dx, dh0, dc0, dWx, dWh, db
+        dx, dh0, dc0, dWx, dWh, db = _api.backward_grads(
+            dy, caches[0], dh_T, dc_T, need_dx=need_dx
+        )
+        return dx[::-1] if reverse and need_dx else dx, dh0, dc0, dWx, dWh, db
 
 
 def _from_weights(cls, weights, config):
@@ -725,7 +749,7 @@ class LSTM:
         y, h_n, c_n, _, cache = self._run(x, h0, c0, plan, training=True, rng=rng)
         return self._finish(y), (h_n, c_n), cache
 
-    def backward(self, dy, cache, dh_n=None, dc_n=None):
+    def backward(self, dy, cache, dh_n=None, dc_n=None, *, need_dx=True):
         """Backpropagation through time through every layer and direction of `forward_train`.
 
         Parameters
@@ -737,12 +761,17 @@ class LSTM:
             From this layer's `forward_train`.
         dh_n, dc_n : ndarray, shape (num_layers·num_directions, B, H), optional
             Gradients with respect to the final states; None means zeros.
+        need_dx : bool
+            Whether to compute the gradient with respect to x. False (x is data, nothing
+            upstream trains) skips the first layer's input-gradient product (T·B·4H·D
+            multiply-adds, ~5% of a 2-layer training step at T=50, B=32, D=128, H=256), as
+            torch skips it for inputs that do not require grad; ``dx`` is then None.
 
         Returns
         -------
         Gradients
-            A dict ``name -> gradient`` with the keys of `parameters`, and attributes ``dx``,
-            ``dh0``, ``dc0``.
+            A dict ``name -> gradient`` with the keys of `parameters`, and attributes ``dx``
+            (None without ``need_dx``), ``dh0``, ``dc0``.
         """
         T, B = self._check_train_cache(cache)
         H, dirs = self._hidden_size, self.num_directions
@@ -771,9 +800,11 @@ class LSTM:
                     zeros if dc_n is None else dc_n[k],
                     self._weights[k],
                     reverse=direction == 1 or self._reverse,
+                    need_dx=bool(layer or need_dx),
                 )
                 d_weights[k] = d_weights_k
-                d_input = dx_k if d_input is None else d_input + dx_k
+                if dx_k is not None:
+                    d_input = dx_k if d_input is None else d_input + dx_k
             if layer and cache._masks is not None:
                 d_input = d_input * cache._masks[layer - 1]
             d_output = d_input
@@ -783,7 +814,7 @@ class LSTM:
                 for names, triple in zip(self._parameter_names, d_weights)
                 for name, d_weight in zip(names, triple)
             ),
-            dx=self._finish(d_output),
+            dx=None if d_output is None else self._finish(d_output),
             dh0=dh0,
             dc0=dc0,
         )

@@ -12,6 +12,7 @@ import pytest
 
 import fastlstm
 import fastlstm._kernels
+from fastlstm._api import backward_grads, forward_padded
 from fastlstm._backends import BACKEND_MODULES, unavailable_backends
 from lstm_data import as_float64, make_problem, make_upstream
 
@@ -147,6 +148,74 @@ def test_read_only_and_non_contiguous_inputs(backend):
     outputs, grads = run(backend, odd_args, *(strided_read_only(a) for a in (dy, dh_T, dc_T)))
     for a, b in zip(outputs + tuple(grads), want_outputs + tuple(want_grads)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 3, 130), (6, 3, 5, 17), (7, 16, 3, 33)], ids=shape_id)
+def test_backward_without_dx(backend, n_threads, shape):
+    # The backends' need_dx=False (a first layer's input gradient is not needed): dx is None,
+    # every other gradient as with it.
+    T, B, D, H = shape
+    args = make_problem(T, B, D, H, np.float32, seed=sum(shape))
+    dy, dh_T, dc_T = make_upstream(T, B, H, np.float32)
+    _, _, _, cache = fastlstm.lstm_forward(**args, backend=backend, return_cache=True)
+    full = fastlstm.lstm_backward(dy, cache, dh_T, dc_T)
+    without = backward_grads(dy, cache, dh_T, dc_T, need_dx=False)
+    assert without.dx is None
+    for name in FIELDS[1:]:
+        np.testing.assert_array_equal(getattr(without, name), getattr(full, name), err_msg=name)
+
+
+def lengths_for(T, B, seed):
+    """Per-row lengths in [0, T] with both ends present when B allows."""
+    lengths = np.random.default_rng(seed).integers(0, T + 1, B)
+    lengths[: min(B, 2)] = [T, 0][: min(B, 2)]
+    return lengths.astype(np.intp)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("need_cache", [False, True], ids=["no-cache", "cache"])
+@pytest.mark.parametrize("shape", [(1, 1, 2, 3), (5, 1, 3, 130), (6, 3, 5, 17), (9, 9, 4, 40),
+                                   (7, 16, 3, 33)],
+                         ids=shape_id)
+def test_lengths_give_each_rows_own_final_state(backend, n_threads, shape, need_cache, dtype):
+    # The kernels' `lengths` option, for padded batches (B = 9 and 16 reach the batch loops on
+    # two threads, B = 1 and 3 the matvec loops, B = 1 with H >= 128 numba's split kernel): y
+    # is the padded run's, the final states each row's after its own length, as the reference
+    # reaches them running the row alone.
+    T, B, D, H = shape
+    args = make_problem(T, B, D, H, dtype, seed=sum(shape))
+    lengths = lengths_for(T, B, seed=T)
+    padded = fastlstm.lstm_forward(**args, backend=backend)
+    y, h_T, c_T, *cache = forward_padded(
+        **args, backend=backend, return_cache=need_cache, lengths=lengths
+    )
+    np.testing.assert_array_equal(y, padded[0])
+    forward_tol = TOLERANCE[dtype][0]
+    wide = as_float64(args)
+    for row, length in enumerate(lengths):
+        alone = dict(wide, x=wide["x"][:length, row : row + 1], h0=wide["h0"][row : row + 1],
+                     c0=wide["c0"][row : row + 1])
+        _, h_want, c_want = fastlstm.lstm_forward(**alone, backend="numpy")
+        np.testing.assert_allclose(h_T[row], h_want[0], rtol=0, atol=forward_tol)
+        np.testing.assert_allclose(c_T[row], c_want[0], rtol=0, atol=forward_tol)
+    if need_cache:  # the cache is the padded run's: its gradients are unchanged
+        dy, dh_T, dc_T = make_upstream(T, B, H, dtype)
+        grads = fastlstm.lstm_backward(dy, cache[0], dh_T, dc_T)
+        _, expected_grads = run(backend, args, dy, dh_T, dc_T)
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(grads, name), getattr(expected_grads, name))
+
+
+def test_lengths_with_zero_state_and_every_length_equal(backend):
+    args = make_problem(5, 4, 3, 6, np.float32, seed=3, with_state=False)
+    y, h_T, c_T = fastlstm.lstm_forward(**args, backend=backend)
+    for lengths, h_want, c_want in [
+        (np.full(4, 5), h_T, c_T),
+        (np.zeros(4, np.intp), np.zeros_like(h_T), np.zeros_like(c_T)),
+    ]:
+        _, h_got, c_got = forward_padded(**args, backend=backend, lengths=lengths)
+        np.testing.assert_array_equal(h_got, h_want)
+        np.testing.assert_array_equal(c_got, c_want)
 
 
 @pytest.mark.parametrize("T, B", [(0, 3), (4, 0), (0, 0)])

@@ -19,6 +19,7 @@ if "cython" not in fastlstm.available_backends():
     pytest.skip("the cython backend is not built here", allow_module_level=True)
 
 from fastlstm._kernels import _blas, _lstm_cython, cython_backend  # noqa: E402
+from fastlstm._api import forward_padded  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 TOLERANCE = {np.float64: (1e-10, 1e-10), np.float32: (1e-5, 1e-4)}  # DESIGN.md §3
@@ -87,6 +88,15 @@ def test_inference_in_chunks_of_time_steps(chunk_steps, n_threads, min_rows_per_
     chunked = fastlstm.lstm_forward(**args, backend="cython")
     for got, want in zip(chunked, whole):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # with lengths, each row's final states are read in whichever chunk holds its last step
+    lengths = np.array([8, 0, 5], np.intp)
+    _, h_T, c_T = forward_padded(**args, backend="cython", lengths=lengths)
+    for row, length in enumerate(lengths):
+        alone = dict(args, x=args["x"][:length, row : row + 1], h0=args["h0"][row : row + 1],
+                     c0=args["c0"][row : row + 1])
+        _, h_want, c_want = fastlstm.lstm_forward(**alone, backend="cython")
+        np.testing.assert_allclose(h_T[row], h_want[0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(c_T[row], c_want[0], rtol=0, atol=1e-6)
 
 
 def activation_inputs():

@@ -150,6 +150,11 @@ def test_lengths_match_per_sequence_runs(backend, config, batch_first):
     c0 = random_input((rows, B, H), np.float64, seed=6)
     x_in = np.ascontiguousarray(x.swapaxes(0, 1)) if batch_first else x
     y, (h_n, c_n), cells = layer(x_in, (h0, c0), lengths=lengths, return_cells=True)
+    # Without cells the kernels read each final state at its step themselves (no cache).
+    y_plain, (h_plain, c_plain) = layer(x_in, (h0, c0), lengths=lengths)
+    np.testing.assert_allclose(y_plain, y, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(h_plain, h_n, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(c_plain, c_n, rtol=0, atol=1e-12)
     if batch_first:
         y, cells = y.swapaxes(0, 1), cells.swapaxes(0, 1)
     for j, length in enumerate(lengths):

@@ -338,6 +338,33 @@ def test_optimizer_updates_reach_the_layer():
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "config, lengths",
+    [
+        (dict(num_layers=2), None),
+        (dict(num_layers=2, bidirectional=True), np.array([8, 3, 8, 1, 5, 8, 2, 8, 6])),
+        (dict(reverse=True), None),
+        (dict(num_layers=1, bidirectional=True, batch_first=True), np.array([4, 8, 0, 7, 8] * 2)),
+    ],
+    ids=["2-layers", "2-layers-bidir-lengths", "reverse", "bidir-batch-first-lengths"],
+)
+def test_backward_without_dx_gives_the_same_parameter_gradients(backend, config, lengths):
+    # need_dx=False skips the first layer's input gradient only; B = 9, 10 reach the batch
+    # loops of the compiled backends on two threads.
+    B = 9 if lengths is None else len(lengths)
+    layer = LSTM(6, 16, seed=4, dtype=np.float64, backend=backend, **config)
+    x, state, _, upstream = problem(layer, 8, B)
+    _, _, cache = layer.forward_train(x, state, lengths)
+    full = layer.backward(upstream[0], cache, *upstream[1:])
+    without = layer.backward(upstream[0], cache, *upstream[1:], need_dx=False)
+    assert without.dx is None and list(without) == list(full)
+    for name in full:
+        np.testing.assert_array_equal(without[name], full[name], err_msg=name)
+    np.testing.assert_array_equal(without.dh0, full.dh0)
+    np.testing.assert_array_equal(without.dc0, full.dc0)
+
+
 def test_gradients_dict_and_attributes():
     layer = LSTM(3, 4, seed=12)
     x = rand((2, 5, 3), 3, dtype=np.float32)

@@ -80,7 +80,8 @@ def _prepare_fastlstm(backend):
 
             def call():
                 y, (h_n, c_n), cache = layer.forward_train(x)
-                optimizer.step(layer.backward(dy, cache))
+                # x is data: no input gradient, as torch (whose x does not require grad).
+                optimizer.step(layer.backward(dy, cache, need_dx=False))
                 return y, h_n[-1], c_n[-1]
 
             # No warm-up call here: it would update the weights (the runner warms up).
@@ -182,6 +183,9 @@ def _prepare_torch(op, problem, n_threads):
 
 def _prepare_torch_training(problem):
     """The "train" op in torch: 2-layer ``nn.LSTM``, ``backward``, ``optim.Adam``.
+
+    x does not require grad, so torch computes no input gradient; fastlstm's side passes
+    ``need_dx=False`` to skip it too: both do the same work.
 
     torch has two biases per layer where we have one (their sum); Adam would move each, so the
     sum would move twice as far: the second bias stays frozen at zero to train the same model.

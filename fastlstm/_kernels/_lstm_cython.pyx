@@ -279,10 +279,30 @@ cdef void _input_projection(const floating *x, const floating *Wx, const floatin
 cdef enum:
     TILE_MIN_ROWS = 4
 
+
+cdef inline void _keep_last_cells(const floating *c, floating *c_last,
+                                  const Py_ssize_t *last_steps, Py_ssize_t t,
+                                  Py_ssize_t row_begin, Py_ssize_t row_end, Py_ssize_t u_begin,
+                                  Py_ssize_t u_end, Py_ssize_t H) noexcept nogil:
+    """c_last[row, u_begin:u_end] = c[row, u_begin:u_end] for the rows whose last step is t.
+
+    For padded batches (``last_steps`` NULL: nothing to do). Each thread copies what it just
+    computed, so this adds no synchronisation; the scan costs B compares a step.
+    """
+    cdef Py_ssize_t row
+    if last_steps == NULL or u_end <= u_begin:
+        return
+    for row in range(row_begin, row_end):
+        if last_steps[row] == t:
+            memcpy(c_last + row * H + u_begin, c + row * H + u_begin,
+                   (u_end - u_begin) * sizeof(floating))
+
+
 cdef void _forward_matvec(const floating *packed, const floating *h0, const floating *c0,
                           floating *gates, floating *y, floating *c_store, floating *tanh_c,
                           Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
-                          int n_threads) noexcept nogil:
+                          int n_threads, const Py_ssize_t *last_steps=NULL,
+                          floating *c_last=NULL) noexcept nogil:
     """The time loop: threads split the hidden-unit blocks, one barrier a step."""
     cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
@@ -319,6 +339,8 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
             else:
                 fastlstm_forward_step_f64(packed, H, B, h_prev, gates + t * B * G, c_prev, c,
                                           y + t * BH, tc, blk_begin, blk_end)
+            _keep_last_cells(c, c_last, last_steps, t, 0, B, blk_begin * units,
+                             min(H, blk_end * units), H)
             if fastlstm_barrier_wait(&barrier, team):
                 # the cores are busy elsewhere: thread 0 finishes the sequence alone
                 if threadid() != 0:
@@ -331,7 +353,8 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
 cdef void _forward_batch(const floating *packed, const floating *h0, const floating *c0,
                          floating *gates, floating *y, floating *c_store, floating *tanh_c,
                          Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
-                         int n_threads) noexcept nogil:
+                         int n_threads, const Py_ssize_t *last_steps=NULL,
+                         floating *c_last=NULL) noexcept nogil:
     """The time loop for batches: threads split the batch rows and never synchronise."""
     cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
@@ -356,13 +379,14 @@ cdef void _forward_batch(const floating *packed, const floating *h0, const float
             else:
                 fastlstm_forward_tiles_f64(packed, H, h_prev, gates + t * B * 4 * H, c_prev, c,
                                            y + t * BH, tc, row_begin, row_end, 0, n_blocks)
+            _keep_last_cells(c, c_last, last_steps, t, row_begin, row_end, 0, H, H)
 
 
 def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
             const floating[::1] b, const floating[::1] packed, const floating[:, ::1] h0,
             const floating[:, ::1] c0, floating[:, :, ::1] gates, floating[:, :, ::1] y,
             floating[:, :, ::1] c_store, floating[:, :, ::1] tanh_c, bint use_matvec,
-            int n_threads):
+            int n_threads, const Py_ssize_t[::1] last_steps=None, floating[:, ::1] c_last=None):
     """LSTM forward pass into preallocated arrays.
 
     Inputs: x (T, B, D), Wx (D, 4H), Wh (H, 4H), b (4H,), h0, c0 (B, H); packed: Wh arranged
@@ -371,20 +395,31 @@ def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floati
     c_store: (T, B, H) cell states of every step, or (1, B, H) holding c0 on entry and c_T on
     exit when no history is kept; tanh_c: (T, B, H) tanh of every cell state, or an empty array
     when no history is kept. Caller holds BLAS to one thread.
+    Optional, for padded batches: last_steps (B,) and c_last (B, H): c_last[row] receives the
+    cell state after step last_steps[row] (rows whose last step is outside [0, T) keep theirs).
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = h0.shape[1]
     cdef bint keep_history = tanh_c.shape[0] > 0
     cdef floating *tanh_c_ptr = &tanh_c[0, 0, 0] if keep_history else NULL
+    cdef const Py_ssize_t *last_steps_ptr = NULL
+    cdef floating *c_last_ptr = NULL
+    if last_steps is not None:
+        if c_last is None or last_steps.shape[0] != B or c_last.shape[0] != B \
+                or c_last.shape[1] != H:
+            raise ValueError("last_steps must have shape (B,) and c_last (B, H)")
+        last_steps_ptr = &last_steps[0]
+        c_last_ptr = &c_last[0, 0]
     with nogil:
         _input_projection(&x[0, 0, 0], &Wx[0, 0], &b[0], &gates[0, 0, 0], T * B, D, H,
                           n_threads)
         if use_matvec:
             _forward_matvec(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0],
                                 &y[0, 0, 0], &c_store[0, 0, 0], tanh_c_ptr, T, B, H,
-                                keep_history, n_threads)
+                                keep_history, n_threads, last_steps_ptr, c_last_ptr)
         else:
             _forward_batch(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
-                           &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads)
+                           &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads,
+                           last_steps_ptr, c_last_ptr)
 
 
 # ---- backward --------------------------------------------------------------------------------
@@ -481,7 +516,10 @@ cdef void _weight_gradients(const floating *x, const floating *Wx, const floatin
                             const floating *y, const floating *da, floating *dx, floating *dWx,
                             floating *dWh, floating *db, Py_ssize_t T, Py_ssize_t B,
                             Py_ssize_t D, Py_ssize_t H, int n_threads) noexcept nogil:
-    """dx, dWx, dWh, db from all steps' da at once: dx split by rows, the rest by columns."""
+    """dx, dWx, dWh, db from all steps' da at once: dx split by rows, the rest by columns.
+
+    dx may be NULL: the caller needs no input gradient (a first layer), so its GEMM is skipped.
+    """
     cdef Py_ssize_t G = 4 * H
     cdef Py_ssize_t rows = T * B
     cdef Py_ssize_t row_begin, row_end, col_begin, col_end, r, n
@@ -492,8 +530,9 @@ cdef void _weight_gradients(const floating *x, const floating *Wx, const floatin
         row_begin = _bound(rows, team, part, 1)
         row_end = _bound(rows, team, part + 1, 1)
         # dx[rows] = da[rows] @ Wx.T
-        gemm(False, True, row_end - row_begin, D, G, 1, da + row_begin * G, G, Wx, G, 0,
-             dx + row_begin * D, D)
+        if dx != NULL:
+            gemm(False, True, row_end - row_begin, D, G, 1, da + row_begin * G, G, Wx, G, 0,
+                 dx + row_begin * D, D)
         # 16 columns = one 64-byte line of floats: threads never write the same line
         col_begin = _bound(G, team, part, 16)
         col_end = _bound(G, team, part + 1, 16)
@@ -519,12 +558,16 @@ cdef void _weight_gradients_by_blas(const floating *x, const floating *Wx, const
                                     const floating *y, const floating *da, floating *dx,
                                     floating *dWx, floating *dWh, floating *db, Py_ssize_t T,
                                     Py_ssize_t B, Py_ssize_t D, Py_ssize_t H) noexcept nogil:
-    """dx, dWx, dWh, db as whole GEMMs on BLAS's own threads (no parallel region here)."""
+    """dx, dWx, dWh, db as whole GEMMs on BLAS's own threads (no parallel region here).
+
+    dx may be NULL: no input gradient is needed, its GEMM is skipped.
+    """
     cdef Py_ssize_t G = 4 * H
     cdef Py_ssize_t rows = T * B
     cdef Py_ssize_t r, n
     # dx = da @ Wx.T
-    gemm(False, True, rows, D, G, 1, da, G, Wx, G, 0, dx, D)
+    if dx != NULL:
+        gemm(False, True, rows, D, G, 1, da, G, Wx, G, 0, dx, D)
     # dWx = x.reshape(T*B, D).T @ da
     gemm(True, False, D, G, rows, 1, x, D, da, G, 0, dWx, G)
     # dWh = h0.T @ da[0] + y[:T-1].reshape(-1, H).T @ da[1:]
@@ -551,12 +594,13 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
 
     Inputs: dy (T, B, H); from the forward call x, Wx, Wh, h0, c0, y, gates, c_all (T, B, H)
     and tanh_c (T, B, H). In/out: dh, dc (B, H): dh_T, dc_T on entry, dh0, dc0 on exit.
-    Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D),
-    dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by `pack_transposed_weights`.
-    Caller holds BLAS to one thread, unless blas_owns_cores: then the weight gradients run as
-    whole GEMMs on BLAS's own threads after the time loop.
+    Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D) or None
+    (not computed), dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by
+    `pack_transposed_weights`. Caller holds BLAS to one thread, unless blas_owns_cores: then the
+    weight gradients run as whole GEMMs on BLAS's own threads after the time loop.
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = Wh.shape[0]
+    cdef floating *dx_ptr = NULL if dx is None else &dx[0, 0, 0]
     with nogil:
         if use_matvec:
             _backward_matvec(&packed_t[0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
@@ -568,8 +612,8 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                             T, B, H, n_threads)
         if blas_owns_cores:
             _weight_gradients_by_blas(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0],
-                                      &da[0, 0, 0], &dx[0, 0, 0], &dWx[0, 0], &dWh[0, 0], &db[0],
+                                      &da[0, 0, 0], dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0],
                                       T, B, D, H)
         else:
             _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
-                              &dx[0, 0, 0], &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)
+                              dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _threads
-from .._backends import Backend
+from .._backends import Backend, state_at_lengths
 from . import _lstm_cython
 
 #: Fewest batch rows per thread for the batch time loops (threads split the batch rows; tiles of
@@ -65,8 +65,12 @@ def pack(Wh, n_threads=1):
     return PackedWeights(Wh, packed, _lstm_cython.units_per_block(Wh.dtype.itemsize))
 
 
-def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, packed=None):
-    """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`."""
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed=None):
+    """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`.
+
+    With ``lengths`` and no cache, the time loop copies each row's cell state at its last step,
+    instead of keeping every step's cell state.
+    """
     T, B, _ = x.shape
     H = Wh.shape[0]
     units = _lstm_cython.units_per_block(x.dtype.itemsize)
@@ -83,30 +87,39 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, packed=None):
         with _threads.blas_threads(1):
             _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y, c_store, tanh_c,
                                  matvec, n_threads)
-        return y, y[-1].copy(), c_store[-1].copy(), (x, Wx, Wh, h0, c0, y, gates, c_store, tanh_c)
+        cache = (x, Wx, Wh, h0, c0, y, gates, c_store, tanh_c)
+        if lengths is None:
+            return y, y[-1].copy(), c_store[-1].copy(), cache
+        return y, state_at_lengths(y, h0, lengths), state_at_lengths(c_store, c0, lengths), cache
     step_bytes = B * 4 * H * x.itemsize
     chunk = max(1, min(T, INFERENCE_GATES_BYTES // step_bytes))
     gates = np.empty((chunk, B, 4 * H), x.dtype)
     c_store = c0.copy()[np.newaxis]  # c0 on entry, the latest cell state after each chunk
     no_history = np.empty((0, B, H), x.dtype)
+    # With lengths, the time loop copies each row's cell state at its last step into c_last
+    # (one compare per row and step; last steps outside a chunk match none of its steps).
+    c_last = None if lengths is None else c0.copy()  # rows of length 0 keep c0
     with _threads.blas_threads(1):
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
             h_prev = h0 if t0 == 0 else y[t0 - 1]
             _lstm_cython.forward(x[t0:t1], Wx, Wh, b, packed_array, h_prev, c0,
                                  gates[: t1 - t0], y[t0:t1], c_store, no_history, matvec,
-                                 n_threads)
-    return y, y[-1].copy(), c_store[-1].copy(), None
+                                 n_threads, None if lengths is None else lengths - 1 - t0,
+                                 c_last)
+    if lengths is None:
+        return y, y[-1].copy(), c_store[-1].copy(), None
+    return y, state_at_lengths(y, h0, lengths), c_last, None
 
 
-def backward(dy, dh_T, dc_T, cache, *, n_threads):
+def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     """Backend backward: see `fastlstm._backends.Backend`."""
     x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c = cache
     T, B, _ = x.shape
     da = np.empty_like(gates)
     dh = dh_T.copy()
     dc = dc_T.copy()
-    dx = np.empty_like(x)
+    dx = np.empty_like(x) if need_dx else None
     dWx = np.empty_like(Wx)
     dWh = np.empty_like(Wh)
     db = np.empty(Wh.shape[1], x.dtype)

@@ -738,7 +738,7 @@ def _warm_up_layer(a):
 # --------------------------------------------------------------------------------------------
 
 
-def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     T, B, D = x.shape
     H = Wh.shape[0]
     dtype = x.dtype
@@ -749,7 +749,9 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
     mode, n_workers, use_matvec = _plan(B, H, n_threads)
     # Full per-step storage when cached, or when the split kernel needs step-unique slots.
     full = need_cache or mode == "split_hidden"
-    cells = np.empty((T + 1 if full else 2, B, H), dtype)
+    # With lengths, every step's cell state (the kernels index it modulo its length), from
+    # which each row's own last one is read; the gates still need only one slot.
+    cells = np.empty((T + 1 if full or lengths is not None else 2, B, H), dtype)
     cells[0] = c0
     gates = np.empty((T if full else 1, B, 4 * H), dtype)
     tanh_cells = np.empty((T if full else 1, B, H), dtype)
@@ -769,13 +771,19 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
             _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_workers,
                                   xproj, hs, cells, gates, tanh_cells)
     y = hs[1:]
-    h_T = hs[T].copy()
-    c_T = cells[T % cells.shape[0]].copy()
+    if lengths is None:
+        h_T = hs[T].copy()
+        c_T = cells[T % cells.shape[0]].copy()
+    else:
+        # Slot 0 holds h0 and c0, slot t the states after step t.
+        rows = np.arange(B)
+        h_T = hs[lengths, rows]
+        c_T = cells[lengths, rows]
     cache = (x_rows, Wx, Wh, hs, cells, gates, tanh_cells) if need_cache else None
     return y, h_T, c_T, cache
 
 
-def backward(dy, dh_T, dc_T, cache, *, n_threads):
+def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     x_rows, Wx, Wh, hs, cells, gates, tanh_cells = cache
     T, B, H = dy.shape
     D = x_rows.shape[1]
@@ -801,11 +809,11 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
             _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec,
                                    n_workers, dh, dc, dgates)
         dgates_rows = dgates.reshape(T * B, 4 * H)
-        dx = _matmul(dgates_rows, Wx.T, n_threads)
+        dx = _matmul(dgates_rows, Wx.T, n_threads).reshape(T, B, D) if need_dx else None
         dWx = _matmul_transposed(x_rows, dgates_rows, n_threads)
         dWh = _matmul_transposed(hs[:T].reshape(T * B, H), dgates_rows, n_threads)
     db = dgates_rows.sum(axis=0)
-    return dx.reshape(T, B, D), dh, dc, dWx, dWh, db
+    return dx, dh, dc, dWx, dWh, db
 
 
 def cells_from_cache(cache, c_T):

@@ -83,31 +83,40 @@ def lstm_step_backward(dh, dc, step_cache, Wx, Wh):
     return dx_t, dh_prev, dc_prev, dWx, dWh, db
 
 
-def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     """Run the LSTM over a sequence.
 
     x : (T, B, D); Wx : (D, 4H); Wh : (H, 4H); b : (4H,); h0, c0 : (B, H).
     Returns y : (T, B, H), h_T : (B, H), c_T : (B, H) and the list of step caches
     (None unless ``need_cache``). ``n_threads`` is enforced by the caller on NumPy's BLAS.
+    With ``lengths`` (B,), h_T and c_T are each row's states after its first lengths[b] steps.
     """
     T, B, _ = x.shape
     H = Wh.shape[0]
     y = np.empty((T, B, H), dtype=x.dtype)
     h, c = h0, c0
+    h_T, c_T = h0.copy(), c0.copy()
     step_caches = []
     for t in range(T):
         h, c, step_cache = lstm_step_forward(x[t], h, c, Wx, Wh, b)
         y[t] = h
         if need_cache:
             step_caches.append(step_cache)
-    return y, h.copy(), c.copy(), (step_caches, Wx, Wh) if need_cache else None
+        if lengths is not None:
+            ending = lengths == t + 1
+            h_T[ending] = h[ending]
+            c_T[ending] = c[ending]
+    if lengths is None:
+        h_T, c_T = h.copy(), c.copy()
+    return y, h_T, c_T, (step_caches, Wx, Wh) if need_cache else None
 
 
-def backward(dy, dh_T, dc_T, cache, *, n_threads):
+def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     """Backpropagation through time over the whole sequence.
 
     dy : (T, B, H) upstream gradient of y; dh_T, dc_T : (B, H) of the final states.
-    Returns dx : (T, B, D), dh0 : (B, H), dc0 : (B, H), dWx : (D, 4H), dWh : (H, 4H), db : (4H,).
+    Returns dx : (T, B, D) (None without ``need_dx``; the steps compute it anyway), dh0 : (B, H),
+    dc0 : (B, H), dWx : (D, 4H), dWh : (H, 4H), db : (4H,).
     """
     step_caches, Wx, Wh = cache
     T, B, H = dy.shape
@@ -123,7 +132,7 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads):
         dWx += dWx_t
         dWh += dWh_t
         db += db_t
-    return dx, dh_next.copy(), dc_next.copy(), dWx, dWh, db
+    return dx if need_dx else None, dh_next.copy(), dc_next.copy(), dWx, dWh, db
 
 
 def cells_from_cache(cache, c_T):
