@@ -269,3 +269,76 @@ def test_packed_weights_follow_the_kernel_build():
                 np.testing.assert_allclose(y, expected, atol=1e-5)
     finally:
         _lstm_cython._set_isa(before)
+
+
+# ---- streaming step --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (1, 64, 128), (3, 5, 37), (7, 9, 16), (13, 70, 150)],
+    ids=lambda s: "B{}D{}H{}".format(*s),
+)
+@pytest.mark.parametrize("threads_from", [0, None], ids=["threaded", "default-threads"])
+def test_step_kernel_matches_reference(shape, dtype, threads_from, simd, n_threads, monkeypatch):
+    """Steps of the Cython step kernel against the float64 reference's sequence, from strided
+    inputs (row tiles of 1 to 6 rows, a last partial block of units, one or more threads)."""
+    B, D, H = shape
+    T = 4
+    args = make_problem(T, B, D, H, dtype=dtype)
+    if threads_from is not None:
+        monkeypatch.setattr(cython_backend, "STEP_THREADS_FROM", threads_from)
+    kernel = cython_backend.STEP_KERNEL
+    prepared = kernel.prepare(args["Wx"], args["Wh"], args["b"])
+    buffers = kernel.new_buffers(prepared, args["h0"], args["c0"])
+    ref_y, _, ref_c = fastlstm.lstm_forward(**as_float64(args), backend="numpy")
+    strided_x = np.repeat(args["x"], 2, axis=2)[:, :, ::2]
+    forward_tol = TOLERANCE[dtype][0]
+    for t in range(T):
+        kernel.step(prepared, buffers, strided_x[t])
+        assert buffers.h.dtype == dtype and buffers.c.dtype == dtype
+        np.testing.assert_allclose(buffers.h, ref_y[t], rtol=0, atol=forward_tol)
+    np.testing.assert_allclose(buffers.c, ref_c, rtol=0, atol=forward_tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [1, 3, 16, 37])
+def test_step_pack_layout(H, dtype):
+    """packed[blk, half, k, q2, j] = stacked[k, (2*half + q2)*H + blk*U + j] over the K = D + H + 1
+    rows of [Wx; Wh; b], zero past H (the layout of `pack` over K rows)."""
+    D = 5
+    args = make_problem(1, 1, D, H, dtype=dtype)
+    stacked = np.concatenate([args["Wx"], args["Wh"], args["b"][np.newaxis]])
+    K = D + H + 1
+    units = _lstm_cython.units_per_block(np.dtype(dtype).itemsize)
+    n_blocks = -(-H // units)
+    padded = np.zeros((K, 4, n_blocks * units), dtype)
+    padded[:, :, :H] = stacked.reshape(K, 4, H)
+    expected = padded.reshape(K, 2, 2, n_blocks, units).transpose(3, 1, 0, 2, 4).ravel()
+    prepared = cython_backend.STEP_KERNEL.prepare(args["Wx"], args["Wh"], args["b"])
+    assert prepared.units == units and not prepared.packed.flags.writeable
+    np.testing.assert_array_equal(prepared.packed, expected)
+    with pytest.raises(ValueError, match="step_packed_size"):
+        _lstm_cython.pack_step_weights(stacked, np.empty(expected.size - 1, dtype))
+
+
+def test_step_weights_follow_the_kernel_build():
+    """Step weights packed under one build are refused by a build of another block width."""
+    args = make_problem(1, 2, 3, 37, dtype=np.float32)
+    kernel = cython_backend.STEP_KERNEL
+    builds = _lstm_cython.ISAS[: _lstm_cython.ISAS.index(_lstm_cython.cpu_isa()) + 1]
+    before = _lstm_cython.isa()
+    try:
+        for made_under in builds:
+            _lstm_cython._set_isa(made_under)
+            prepared = kernel.prepare(args["Wx"], args["Wh"], args["b"])
+            buffers = kernel.new_buffers(prepared, args["h0"], args["c0"])
+            for used_under in builds:
+                _lstm_cython._set_isa(used_under)
+                if _lstm_cython.units_per_block(4) == prepared.units:
+                    kernel.step(prepared, buffers, args["x"][0])
+                else:
+                    with pytest.raises(ValueError, match="another kernel build"):
+                        kernel.step(prepared, buffers, args["x"][0])
+    finally:
+        _lstm_cython._set_isa(before)

@@ -300,9 +300,11 @@ def test_nan_propagates():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("num_layers", [1, 3])
-def test_steps_match_the_sequence_call(dtype, num_layers):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_steps_match_the_sequence_call(dtype, num_layers, backend):
+    """Each backend's step kernel (or the NumPy one it falls back to) against the layer's call."""
     T, B, D, H = 7, 3, 5, 6
-    layer = LSTM(D, H, num_layers, seed=4, dtype=dtype)
+    layer = LSTM(D, H, num_layers, seed=4, dtype=dtype, backend=backend)
     x = random_input((T, B, D), dtype)
     h0 = random_input((num_layers, B, H), dtype, seed=1)
     c0 = random_input((num_layers, B, H), dtype, seed=2)
@@ -317,10 +319,10 @@ def test_steps_match_the_sequence_call(dtype, num_layers):
     np.testing.assert_allclose(state.c, c_n, rtol=0, atol=tol)
 
 
-def traced_steps(layer, steps, warm_up_steps=5):
+def traced_steps(layer, steps, warm_up_steps=5, batch_size=1):
     """(bytes kept, peak bytes above the start) of tracemalloc over ``steps`` warm steps."""
-    inputs = list(random_input((steps + warm_up_steps, 1, layer.input_size), np.float32))
-    state = layer.initial_state(1)
+    inputs = list(random_input((steps + warm_up_steps, batch_size, layer.input_size), np.float32))
+    state = layer.initial_state(batch_size)
     warm_up, steady = inputs[:warm_up_steps], inputs[warm_up_steps:]
     for x_t in warm_up:
         layer.step(x_t, state)
@@ -336,9 +338,12 @@ def traced_steps(layer, steps, warm_up_steps=5):
     return after - before, peak - before
 
 
-def test_step_allocates_nothing_in_steady_state():
-    layer = LSTM(64, 128, 2, seed=0)
-    assert all(w.size < _step.ONE_BLAS_THREAD_FROM for w in layer._prepared_step_weights()[1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_allocates_nothing_in_steady_state(backend):
+    layer = LSTM(64, 128, 2, seed=0, backend=backend)
+    kernel, prepared = layer._prepared_step_weights()
+    if kernel is _step.NUMPY_STEP_KERNEL:  # small enough to leave BLAS's threads alone
+        assert all(w.size < _step.ONE_BLAS_THREAD_FROM for w in prepared)
     kept, peak = traced_steps(layer, 45)
     assert kept == 0, f"steps kept {kept} bytes"
     # The interpreter's own transient objects (the loop's zip iterator: ~200 bytes) remain;
@@ -351,11 +356,30 @@ def test_large_steps_allocate_no_arrays():
     # Large weights pin BLAS to one thread through threadpoolctl, whose ctypes calls create
     # small Python objects (transient; ~30 KB of them stay cached during the first ~1000
     # calls, then none); no array is ever allocated.
-    layer = LSTM(64, 512, seed=0)
+    layer = LSTM(64, 512, seed=0, backend="numpy")
     assert layer._prepared_step_weights()[1][0].size >= _step.ONE_BLAS_THREAD_FROM
     kept, peak = traced_steps(layer, 200, warm_up_steps=1500)
     assert kept < 4096, f"steps kept {kept} bytes"
     assert peak < 4 * 4 * 512, f"steps allocated up to {peak} bytes (a gates buffer is 8 KiB)"
+
+
+@pytest.mark.skipif("cython" not in BACKENDS, reason="the cython backend is not available")
+def test_threaded_cython_steps_allocate_nothing():
+    # Steps this large run on fastlstm's threads (an OpenMP region per step).
+    from fastlstm._kernels import cython_backend
+
+    layer = LSTM(64, 512, seed=0, backend="cython")
+    state = layer.initial_state(4)
+    assert all(buffers.threaded for buffers in state._buffers)
+    before = fastlstm.get_num_threads()
+    fastlstm.set_num_threads(2)
+    try:
+        kept, peak = traced_steps(layer, 45, batch_size=4)
+    finally:
+        fastlstm.set_num_threads(before)
+    assert cython_backend.STEP_KERNEL is layer._prepared_step_weights()[0]
+    assert kept == 0, f"steps kept {kept} bytes"
+    assert peak < 512, f"steps allocated up to {peak} bytes on the way"
 
 
 def test_streams_are_independent_and_step_checks_inputs():

@@ -29,11 +29,14 @@ Gate blocks along the 4H axis: i, f, o, g.
 
 import os
 
+cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from libc.string cimport memcpy
 
 from fastlstm._kernels._blas cimport gemm
+
+cnp.import_array()
 
 
 cdef extern from "csrc/lstm_kernels.h" nogil:
@@ -617,3 +620,172 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
         else:
             _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
                               dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)
+
+
+# ---- streaming step --------------------------------------------------------------------------
+
+cdef extern from "csrc/step_kernels.h" nogil:
+    void fastlstm_gemm_tile_f32(int mr, Py_ssize_t K, const float *a, Py_ssize_t lda,
+                                const float *panel, float *c_lo, Py_ssize_t n_lo, float *c_hi,
+                                Py_ssize_t n_hi, Py_ssize_t ldc, int accumulate)
+    void fastlstm_gemm_tile_f64(int mr, Py_ssize_t K, const double *a, Py_ssize_t lda,
+                                const double *panel, double *c_lo, Py_ssize_t n_lo,
+                                double *c_hi, Py_ssize_t n_hi, Py_ssize_t ldc, int accumulate)
+
+
+cdef inline Py_ssize_t _step_packed_size(Py_ssize_t K, Py_ssize_t H,
+                                         Py_ssize_t units) noexcept nogil:
+    return (H + units - 1) // units * 4 * units * K
+
+
+def step_packed_size(Py_ssize_t K, Py_ssize_t H, dtype_size):
+    """Number of elements `pack_step_weights` writes for K stacked rows and hidden size H."""
+    return _step_packed_size(K, H, units_per_block(dtype_size))
+
+
+def pack_step_weights(const floating[:, ::1] stacked, floating[::1] packed):
+    """Arrange stacked (K, 4H) = [Wx; Wh; b] for `stacked_step` as `pack_recurrent_weights` does
+    Wh, over K rows: per block of U hidden units (U = `units_per_block`), a panel of K rows of
+    [i|f] x U, then a panel of K rows of [o|g] x U.
+
+    packed[(((blk * 2 + half) * K + k) * 2 + q2) * U + j] = stacked[k, (2 * half + q2) * H + blk * U + j],
+    0 where that unit >= H.
+    """
+    cdef Py_ssize_t K = stacked.shape[0], H = stacked.shape[1] // 4
+    cdef Py_ssize_t units = _units(<floating *>NULL)
+    cdef Py_ssize_t blk, half, k, q, j, n
+    cdef floating *out = &packed[0]
+    if packed.shape[0] != _step_packed_size(K, H, units):
+        raise ValueError("packed must have step_packed_size(K, H) elements")
+    with nogil:
+        for blk in range((H + units - 1) // units):
+            n = min(units, H - blk * units)
+            for half in range(2):
+                for k in range(K):
+                    for q in range(2 * half, 2 * half + 2):
+                        for j in range(units):
+                            out[j] = stacked[k, q * H + blk * units + j] if j < n else 0
+                        out = out + units
+
+
+cdef void _step_blocks(const floating *packed, const floating *xh, floating *gates,
+                       floating *c, floating *h, Py_ssize_t B, Py_ssize_t K, Py_ssize_t H,
+                       Py_ssize_t blk_begin, Py_ssize_t blk_end) noexcept nogil:
+    """The step for the hidden units of blocks [blk_begin, blk_end): per block, its gates of
+    all rows, gates[r, q·H + u] = Σ_k xh[r, k] · stacked[k, q·H + u], by register tiles (up to
+    6 rows x 2 vectors, the tiles of `forward_tiles`), then those units' cell update while the
+    gates are in L1."""
+    cdef Py_ssize_t units = _units(<floating *>NULL)
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t blk, u, n, r, row, tiles
+    cdef const floating *w_if
+    cdef const floating *w_og
+    cdef floating *g
+    cdef int mr
+    for blk in range(blk_begin, blk_end):
+        w_if = packed + blk * K * 4 * units
+        w_og = w_if + K * 2 * units
+        u = blk * units
+        n = min(units, H - u)
+        r = 0
+        while r < B:
+            # the rows left spread evenly over the fewest tiles of at most 6 (next_tile_rows)
+            tiles = (B - r + 5) // 6
+            mr = <int>((B - r + tiles - 1) // tiles)
+            g = gates + r * G + u
+            if floating is float:
+                fastlstm_gemm_tile_f32(mr, K, xh + r * K, K, w_if, g, n, g + H, n, G, 0)
+                fastlstm_gemm_tile_f32(mr, K, xh + r * K, K, w_og, g + 2 * H, n, g + 3 * H, n,
+                                       G, 0)
+            else:
+                fastlstm_gemm_tile_f64(mr, K, xh + r * K, K, w_if, g, n, g + H, n, G, 0)
+                fastlstm_gemm_tile_f64(mr, K, xh + r * K, K, w_og, g + 2 * H, n, g + 3 * H, n,
+                                       G, 0)
+            for row in range(r, r + mr):
+                if floating is float:
+                    fastlstm_cell_update_f32(gates + row * G, H, c + row * H, c + row * H,
+                                             h + row * H, NULL, u, u + n)
+                else:
+                    fastlstm_cell_update_f64(gates + row * G, H, c + row * H, c + row * H,
+                                             h + row * H, NULL, u, u + n)
+            r += mr
+
+
+cdef void _stacked_step(const char *x_data, Py_ssize_t x_row_stride, Py_ssize_t x_stride,
+                        const floating *packed, floating *xh, floating *gates, floating *h,
+                        floating *c, Py_ssize_t B, Py_ssize_t D, Py_ssize_t H,
+                        int n_threads) noexcept nogil:
+    """`stacked_step` on raw arrays; x_t's element (row, k) is at x_data + row·x_row_stride +
+    k·x_stride (bytes)."""
+    cdef Py_ssize_t K = D + H + 1
+    cdef Py_ssize_t n_blocks = (H + _units(packed) - 1) // _units(packed)
+    cdef Py_ssize_t row, k, blk
+    # xh = [x_t, h, 1]. (h_t goes to h, not into xh: the later blocks still read h_{t-1}.)
+    for row in range(B):
+        for k in range(D):
+            xh[row * K + k] = (<const floating *>(x_data + row * x_row_stride + k * x_stride))[0]
+        memcpy(xh + row * K + D, h + row * H, H * sizeof(floating))
+        xh[row * K + K - 1] = 1
+    if n_threads <= 1:
+        _step_blocks(packed, xh, gates, c, h, B, K, H, 0, n_blocks)
+    else:
+        for blk in prange(n_blocks, num_threads=n_threads, schedule="dynamic"):
+            _step_blocks(packed, xh, gates, c, h, B, K, H, blk, blk + 1)
+
+
+cdef inline bint _is_matrix(cnp.ndarray a, int type_num, Py_ssize_t rows, Py_ssize_t cols):
+    """Whether a is a writable C-contiguous (rows, cols) array of type_num."""
+    return (cnp.PyArray_NDIM(a) == 2 and cnp.PyArray_TYPE(a) == type_num
+            and a.shape[0] == rows and a.shape[1] == cols
+            and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISWRITEABLE(a))
+
+
+def stacked_step(cnp.ndarray x_t, cnp.ndarray packed, Py_ssize_t packed_units, cnp.ndarray xh,
+                 cnp.ndarray gates, cnp.ndarray h, cnp.ndarray c, int n_threads):
+    """One LSTM step of B rows (streaming, `fastlstm._step`): h, c (B, H) <- the step from
+    (x_t, h, c), in place.
+
+    With stacked (K, 4H) = [Wx; Wh; b] (K = D + H + 1) and xh (B, K) = [x_t, h, 1] (scratch,
+    filled here), one product gives the pre-activations: gates (B, 4H, scratch) = xh @ stacked
+    (= x_t @ Wx + h @ Wh + b). packed: stacked arranged by `pack_step_weights` under a build of
+    packed_units units per block (ValueError if the build in use differs). n_threads > 1 threads
+    take the blocks of hidden units one at a time (dynamic schedule: on shared cores a thread
+    that runs late takes fewer blocks, rather than holding up the step with half of them).
+
+    The arrays come as ndarrays, read through NumPy's own fields: typed memoryviews would
+    allocate a memoryview object per argument and call (~1 KB), and a buffer export attaches
+    ~44 bytes to each new x_t (NumPy's cache of its strides), allocation at every step. x_t may
+    be strided; all other arrays are C-contiguous, of x_t's dtype, float32 or float64.
+    """
+    cdef int type_num = cnp.PyArray_TYPE(x_t)
+    cdef Py_ssize_t B = cnp.PyArray_DIM(h, 0) if cnp.PyArray_NDIM(h) == 2 else -1
+    cdef Py_ssize_t H = cnp.PyArray_DIM(h, 1) if B >= 0 else -1
+    cdef Py_ssize_t D = cnp.PyArray_DIM(x_t, 1) if cnp.PyArray_NDIM(x_t) == 2 else -1
+    cdef Py_ssize_t units = (fastlstm_units_f32() if type_num == cnp.NPY_FLOAT32
+                             else fastlstm_units_f64())
+    if packed_units != units:
+        raise ValueError("the step weights were packed for another kernel build; prepare them "
+                         "again")
+    if not ((type_num == cnp.NPY_FLOAT32 or type_num == cnp.NPY_FLOAT64) and B >= 0 and D >= 0
+            and x_t.shape[0] == B and _is_matrix(h, type_num, B, H)
+            and _is_matrix(c, type_num, B, H) and _is_matrix(xh, type_num, B, D + H + 1)
+            and _is_matrix(gates, type_num, B, 4 * H) and cnp.PyArray_NDIM(packed) == 1
+            and cnp.PyArray_TYPE(packed) == type_num and cnp.PyArray_IS_C_CONTIGUOUS(packed)
+            and packed.shape[0] == _step_packed_size(D + H + 1, H, units)):
+        raise ValueError("stacked_step: x_t (B, D), h, c (B, H), xh (B, D + H + 1), gates "
+                         "(B, 4H) and packed (step_packed_size) of one float dtype")
+    cdef const char *x_data = <const char *>cnp.PyArray_DATA(x_t)
+    cdef Py_ssize_t x_row_stride = cnp.PyArray_STRIDE(x_t, 0)
+    cdef Py_ssize_t x_stride = cnp.PyArray_STRIDE(x_t, 1)
+    if type_num == cnp.NPY_FLOAT32:
+        with nogil:
+            _stacked_step(x_data, x_row_stride, x_stride, <const float *>cnp.PyArray_DATA(packed),
+                          <float *>cnp.PyArray_DATA(xh), <float *>cnp.PyArray_DATA(gates),
+                          <float *>cnp.PyArray_DATA(h), <float *>cnp.PyArray_DATA(c), B, D, H,
+                          n_threads)
+    else:
+        with nogil:
+            _stacked_step(x_data, x_row_stride, x_stride,
+                          <const double *>cnp.PyArray_DATA(packed), <double *>cnp.PyArray_DATA(xh),
+                          <double *>cnp.PyArray_DATA(gates), <double *>cnp.PyArray_DATA(h),
+                          <double *>cnp.PyArray_DATA(c), B, D, H, n_threads)
