@@ -160,12 +160,14 @@ BACKEND = Backend("cython", forward, backward, speed_rank)
 
 # ---- streaming step (`fastlstm.LSTM.step`) ----------------------------------------------------
 
-#: Fewest multiply-adds in a step (B·(D + H + 1)·4H) for which it runs on fastlstm's threads;
-#: smaller steps run on the calling thread. Measured, float32, 2 threads vs 1, median µs per
-#: step: (B, D, H) = (1, 64, 128) (99k) 4.7 vs 5.5; (1, 256, 256) (525k) 18 vs 28; (3, 5, 37)
-#: 3.6 vs 2.8. A parallel region costs ~1 µs, and between steps its idle threads spin on the
-#: other core: for 15% off the smallest steps, not worth it.
-STEP_THREADS_FROM = 1 << 18
+#: Smallest step, in bytes of multiply-adds (B·(D + H + 1)·4H·itemsize: at B = 1 the weights it
+#: streams), that runs on fastlstm's threads; smaller steps run on the calling thread. A parallel
+#: region costs ~1 µs, and its idle threads spin on the other core for a while after each step.
+#: Measured, 2 threads vs 1, B = 1, median µs per step (back to back, so the threads were
+#: awake): float32 (D, H) = (64, 96) 3.5 vs 3.3 (0.25 MB), (64, 128) 4.3 vs 4.9 (0.4 MB),
+#: (128, 128) 5.0 vs 6.1 (0.53 MB), (160, 192) 8.2 vs 13.7; float64 (64, 96) 5.2 vs 6.2 (0.49 MB),
+#: (64, 128) 7.5 vs 9.5. So threads from about 1.2x.
+STEP_THREADS_FROM = 1 << 19
 
 
 class StepWeights(NamedTuple):
@@ -200,14 +202,15 @@ class _StepBuffers:
         self.c = np.array(c0, dtype=dtype, order="C")
         self.xh = np.empty((B, prepared.K), dtype)
         self.gates = np.empty((B, 4 * H), dtype)
-        self.threaded = B * prepared.K * 4 * H >= STEP_THREADS_FROM
+        self.threaded = B * prepared.K * 4 * H * dtype.itemsize >= STEP_THREADS_FROM
 
 
 def _step(prepared, buffers, x_t):
     """h, c <- LSTM step of (x_t, h, c): one stacked product by register tiles over the packed
     weights, each block of hidden units' cell update right after its gates. (OpenBLAS sgemm
-    packs its operand at every call: float32 on 1 thread, 1.0-1.6x slower at B >= 32 and
-    1.5-4.5x at B <= 16 than these tiles; on 2 threads slower at every measured shape.)"""
+    packs the weights at every call; its product alone, float32, against these whole steps:
+    1 thread 1.1-1.5x slower at S3-S5, 1.5-4.7x at B <= 16; 2 threads 1.2-3.9x slower at
+    S1-S5, where the tiles match or beat torch's LSTMCell.)"""
     n_threads = _threads.get_num_threads() if buffers.threaded else 1
     _lstm_cython.stacked_step(x_t, prepared.packed, prepared.units, buffers.xh, buffers.gates,
                               buffers.h, buffers.c, n_threads)
