@@ -718,7 +718,8 @@ cdef void _stacked_step(const char *x_data, Py_ssize_t x_row_stride, Py_ssize_t 
     """`stacked_step` on raw arrays; x_t's element (row, k) is at x_data + row·x_row_stride +
     k·x_stride (bytes)."""
     cdef Py_ssize_t K = D + H + 1
-    cdef Py_ssize_t n_blocks = (H + _units(packed) - 1) // _units(packed)
+    cdef Py_ssize_t units = _units(<floating *>NULL)
+    cdef Py_ssize_t n_blocks = (H + units - 1) // units
     cdef Py_ssize_t row, k, blk
     # xh = [x_t, h, 1]. (h_t goes to h, not into xh: the later blocks still read h_{t-1}.)
     for row in range(B):
