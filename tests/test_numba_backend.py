@@ -246,9 +246,9 @@ def test_planner_choices(monkeypatch):
     monkeypatch.setattr(nb, "_split_backoff", 0)
     assert nb._plan(1, 256, 2) == ("split_hidden", 2, True, 2)
     assert nb._plan(1, 256, 1) == ("split_hidden", 1, True, 1)
-    assert nb._plan(4, 512, 2) == ("split_hidden", 2, True, 2)  # few rows: per-row matvec
-    assert nb._plan(64, 512, 2) == ("split_hidden", 2, False, 2)
-    assert nb._plan(64, 64, 2) == ("chunks", 2, False, 2)  # small H: no per-step sync
+    assert nb._plan(1, 64, 2) == ("chunks", 1, False, 2)  # small H: BLAS forwards it to gemv
+    assert nb._plan(8, 512, 2) == ("chunks", 2, True, 2)  # few rows per thread: matvec
+    assert nb._plan(64, 512, 2) == ("chunks", 2, False, 2)
     assert nb._plan(3, 8, 4)[:2] == ("chunks", 3)
 
 

@@ -8,17 +8,20 @@ Where the time goes, and what each part here does about it (DESIGN.md §6 has th
 * The gate update (σ, tanh, c and h) is fused into one pass per step. float32 uses a rational
   tanh that vectorizes (scalar ``math.tanh`` does not: no SVML in llvmlite); float64 keeps the
   exact functions, because the float64 tolerance is 1e-10.
-* From H = 128 on, the hidden units are split across the threads (each part: all four gates
-  of its units, for every batch row), inside one parallel region with a cheap per-step
-  barrier of our own ("Step barrier" below). Each core then streams only its share of Wh
-  per step (from its own L2 where it fits: H=256 is 1 MiB per step). Each part's columns of
-  Wh are packed once per call, so that its recurrent product is one call: with up to
-  MATVEC_MAX_ROWS rows our matrix-vector kernel over the packed (H, 4n) block; with more,
-  OpenBLAS on the transposed block, ``pre.T = Wh_part.T @ h_{t-1}.T`` (the weights as its
-  first operand ran 1.1-1.7x faster than ``h_{t-1} @ Wh`` for 8-64 rows), then one
-  transpose of the small result. BPTT does the same with ``dh.T = Wh[units] @ da_t.T``.
-* Below H = 128 a step is too short for a per-step barrier: batch rows are independent for
-  the whole sequence, so each thread takes a chunk of rows and runs the whole time loop on it.
+* The recurrent products go to OpenBLAS in the faster operand order, the weights first:
+  ``pre.T = Wh.T @ h_{t-1}.T`` with Wh.T made contiguous once per call, and in BPTT
+  ``dh.T = Wh @ da_t.T`` (1.1-1.7x, resp. 1.6-2.4x, faster than ``h_{t-1} @ Wh`` and
+  ``da_t @ Wh.T`` for 8-64 rows, 1 thread), then one transpose of the small result. Up to
+  MATVEC_MAX_ROWS rows per thread, our matrix-vector kernels beat BLAS.
+* Batch rows are independent for the whole sequence, so with several rows each thread takes
+  a chunk of rows and runs the whole time loop on it: no synchronisation per step. (Splitting
+  the hidden units across threads for every batch size, with a barrier per step, had better
+  minima at S3/S4 but worse medians on cores shared with other work: a thread that is
+  descheduled for a time slice stalls the other at every step.)
+* With one row (H >= 128), the recurrent product is a matrix-vector product bound by the
+  cache bandwidth for Wh (H=256: 1 MiB per step), so the hidden units are split across the
+  threads (each core streams its share of Wh, packed once per call, from its own L2) inside
+  one parallel region, with a cheap per-step barrier of our own ("Step barrier" below).
 
 Threads: one owner of the cores per call. Numba's threads run everything, GEMMs included,
 split by rows, with every BLAS single-threaded (`blas_threads(1)`): BLAS pools that spin
@@ -360,27 +363,30 @@ def _cell_forward(pre, pre_base, pre_stride, xproj_row, b, c_prev, j0, n,
 
 
 @njit(**_JIT)
-def _forward_rows(xproj, b, Wh, use_matvec, r0, r1, hs, cells, gates, tanh_cells):
+def _forward_rows(xproj, b, Wh, Wh_t, use_matvec, r0, r1, hs, cells, gates, tanh_cells):
     """The whole time loop for batch rows r0..r1-1 (rows are independent of each other).
 
     xproj: (T, B, 4H) = x @ Wx;  hs: (T+1, B, H), h0 in slot 0, h_t written to slot t+1;
     cells: (Tc, B, H), c0 in slot 0, c_t written to slot (t+1) % Tc;  gates: (Tg, B, 4H) and
     tanh_cells: (Tg, B, H), step t in slot t % Tg.
-    ``h_prev[r0:r1] @ Wh`` is one BLAS GEMM per step, or with ``use_matvec`` one
-    `_matvec_columns` per row.
+    ``h_prev[r0:r1] @ Wh`` is one BLAS GEMM per step, ``(Wh_t @ h_prev[r0:r1].T).T`` with
+    Wh_t = Wh.T contiguous (the faster operand order, see `_pack_part`), or with
+    ``use_matvec`` one `_matvec_columns` per row.
     """
     T = xproj.shape[0]
     H = hs.shape[2]
     Tc = cells.shape[0]
     Tg = gates.shape[0]
     pre = np.empty((r1 - r0, 4 * H), dtype=xproj.dtype)
+    pre_t = np.empty((4 * H, r1 - r0), dtype=xproj.dtype)
     for t in range(T):
         h_prev = hs[t]
         if use_matvec:
             for r in range(r0, r1):
                 _matvec_columns(h_prev[r], Wh, pre[r - r0], 0, 4 * H)
         else:
-            np.dot(h_prev[r0:r1], Wh, pre)
+            np.dot(Wh_t, h_prev[r0:r1].T, pre_t)
+            _transpose_into(pre_t, pre)
         for r in range(r0, r1):
             _cell_forward(pre[r - r0], 0, H, xproj[t, r], b, cells[t % Tc, r], 0, H,
                           gates[t % Tg, r], cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
@@ -423,15 +429,20 @@ def _matmul_transposed_partials(A, B, partials):
 
 
 @njit(parallel=True, **_JIT)
-def _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_chunks,
+def _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_chunks, Wh_t,
                           xproj, hs, cells, gates, tanh_cells):
-    """xproj = x @ Wx split by rows, then the batch in n_chunks chunks, one thread each."""
+    """xproj = x @ Wx split by rows (and Wh_t = Wh.T by column ranges of Wh, unless
+    use_matvec), then the batch in n_chunks chunks, one thread each."""
     B = xproj.shape[1]
+    N = Wh.shape[1]
     for part in prange(n_chunks):
         _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
                           part, n_chunks)
+        if not use_matvec:
+            n0, n1 = part * N // n_chunks, (part + 1) * N // n_chunks
+            _transpose_into(Wh[:, n0:n1], Wh_t[n0:n1])
     for chunk in prange(n_chunks):
-        _forward_rows(xproj, b, Wh, use_matvec,
+        _forward_rows(xproj, b, Wh, Wh_t, use_matvec,
                       chunk * B // n_chunks, (chunk + 1) * B // n_chunks,
                       hs, cells, gates, tanh_cells)
 
@@ -615,6 +626,7 @@ def _backward_rows(dy, gates, cells, tanh_cells, Wh, use_matvec, r0, r1, dh, dc,
     T = dy.shape[0]
     H = dy.shape[2]
     carry = np.empty((r1 - r0, H), dtype=dy.dtype)
+    dh_t = np.empty((H, r1 - r0), dtype=dy.dtype)
     dc_steps = np.empty((2, r1 - r0, H), dtype=dy.dtype)
     dc_steps[T % 2] = dc[r0:r1]
     for t in range(T - 1, -1, -1):
@@ -627,7 +639,9 @@ def _backward_rows(dy, gates, cells, tanh_cells, Wh, use_matvec, r0, r1, dh, dc,
             for r in range(r0, r1):
                 _matvec_rows(Wh, dgates[t, r], dh[r], 0, H)
         else:
-            np.dot(dgates[t, r0:r1], Wh.T, dh[r0:r1])
+            # dh.T = Wh @ da.T: the faster operand order (see `_backward_part`).
+            np.dot(Wh, dgates[t, r0:r1].T, dh_t)
+            _transpose_into(dh_t, dh[r0:r1])
     dc[r0:r1] = dc_steps[0]
 
 
@@ -750,13 +764,14 @@ class Plan(NamedTuple):
 def _plan(B, H, n_threads):
     """The `Plan` for a call of batch B and hidden size H on n_threads threads."""
     global _split_backoff
-    if H >= SPLIT_HIDDEN_MIN_H:
-        use_matvec = B <= MATVEC_MAX_ROWS
+    if B == 1 and H >= SPLIT_HIDDEN_MIN_H:
         if n_threads > 1 and _split_backoff > 0:
             _split_backoff -= 1
-            return Plan("split_hidden", n_threads, use_matvec, 1)
-        return Plan("split_hidden", n_threads, use_matvec, n_threads)
-    return Plan("chunks", max(1, min(n_threads, B)), False, n_threads)
+            return Plan("split_hidden", n_threads, True, 1)
+        return Plan("split_hidden", n_threads, True, n_threads)
+    n_chunks = max(1, min(n_threads, B))
+    use_matvec = B // n_chunks <= MATVEC_MAX_ROWS and H >= SPLIT_HIDDEN_MIN_H
+    return Plan("chunks", n_chunks, use_matvec, n_threads)
 
 
 def _usable_threads(n_threads):
@@ -881,7 +896,8 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads):
             _note_partner(parts_done, plan)
         else:
             _forward_batch_chunks(x_rows, Wx, b, Wh, plan.use_matvec, plan.n_workers,
-                                  xproj, hs, cells, gates, tanh_cells)
+                                  Wh_packed.reshape(4 * H, H), xproj, hs, cells, gates,
+                                  tanh_cells)
     y = hs[1:]
     h_T = hs[T].copy()
     c_T = cells[T % cells.shape[0]].copy()
