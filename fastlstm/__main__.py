@@ -77,13 +77,14 @@ def bench(args, argv):
     budget = runner.QUICK if args.quick else runner.FULL
     print(f"fastlstm {__version__} bench: {', '.join(args.ops)} on {', '.join(args.shapes)}, "
           f"{dtype}, {args.threads} threads", flush=True)
+    load_before = report.load_average()
     entries, skipped, peak = runner.run(shapes, args.backends, args.ops, dtype, args.threads,
                                         budget, progress=_progress_bar(sys.stderr))
     result = {
         "command": "python -m fastlstm " + shlex.join(argv),
         "dtype": str(dtype),
         "quick": args.quick,
-        "machine": report.machine_info(args.threads),
+        "machine": dict(report.machine_info(args.threads), load_before=load_before),
         "peak_gflops": peak,
         "skipped": skipped,
         "rows": report.summarize(entries, peak, str(dtype)),

@@ -122,18 +122,27 @@ def test_unit_ranges_cover_every_unit_once_aligned(H, n_parts):
     assert all(lo % nb.UNIT_ALIGN == 0 or lo == H for lo, _ in ranges)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("lo, hi", [(0, 21), (0, 16), (16, 21), (5, 5)])
-def test_recurrent_gate_columns_fills_four_gate_ranges(lo, hi):
+def test_pack_part_gathers_the_four_gate_ranges(lo, hi, transposed):
     H = 21
-    rng = np.random.default_rng(hi)
-    h, Wh = rng.standard_normal(H), rng.standard_normal((H, 4 * H))
-    pre = np.full(4 * H, 7.0)
-    nb._recurrent_gate_columns(h, Wh, pre, lo, hi)
-    want = h @ Wh
-    columns = np.concatenate([np.arange(gate * H + lo, gate * H + hi) for gate in range(4)])
-    np.testing.assert_allclose(pre[columns], want[columns], rtol=1e-12, atol=1e-12)
-    untouched = np.setdiff1d(np.arange(4 * H), columns)
-    assert np.all(pre[untouched] == 7.0)
+    Wh = np.random.default_rng(hi).standard_normal((H, 4 * H))
+    packed = np.full(4 * H * H, 7.0)
+    nb._pack_part(Wh, packed, lo, hi, transposed)
+    want = np.concatenate([Wh[:, gate * H + lo:gate * H + hi] for gate in range(4)], axis=1)
+    block = packed[4 * H * lo:4 * H * hi]
+    got = block.reshape(4 * (hi - lo), H).T if transposed else block.reshape(H, 4 * (hi - lo))
+    np.testing.assert_array_equal(got, want)
+    assert np.all(packed[:4 * H * lo] == 7.0) and np.all(packed[4 * H * hi:] == 7.0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 40), (17, 33), (16, 16)])
+def test_transpose_into_a_strided_view(shape):
+    src = np.random.default_rng(0).standard_normal(shape)
+    dst = np.full((shape[1], shape[0] + 3), 7.0)
+    nb._transpose_into(src, dst[:, 1:shape[0] + 1])
+    np.testing.assert_array_equal(dst[:, 1:shape[0] + 1], src.T)
+    assert np.all(dst[:, 0] == 7.0) and np.all(dst[:, shape[0] + 1:] == 7.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -167,25 +176,27 @@ def test_matvec_rows(dtype, N, K, lo, hi):
 # --- every kernel variant the planner can choose ----------------------------------------------
 
 PLANS = [  # what _plan would return, forced
-    ("split_hidden", 2, True),
-    ("split_hidden", 3, True),  # more parts than threads: parts run one after another
-    ("chunks", 1, True),
-    ("chunks", 2, True),
-    ("chunks", 1, False),
-    ("chunks", 3, False),
+    nb.Plan("split_hidden", 2, True, 2),
+    nb.Plan("split_hidden", 2, False, 2),
+    nb.Plan("split_hidden", 3, False, 2),  # more parts than threads: a thread takes several
+    nb.Plan("split_hidden", 2, True, 1),  # the back-off: one thread runs every part
+    nb.Plan("split_hidden", 1, False, 1),
+    nb.Plan("chunks", 1, True, 1),
+    nb.Plan("chunks", 2, True, 2),
+    nb.Plan("chunks", 1, False, 1),
+    nb.Plan("chunks", 3, False, 2),
 ]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p[0]}-{p[1]}-{'matvec' if p[2] else 'gemm'}")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p[0]}-{p[1]}-{'matvec' if p[2] else 'gemm'}-{p[3]}t")
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (9, 1, 5, 19), (6, 4, 7, 33), (4, 3, 2, 48)],
                          ids=lambda s: "T{}B{}D{}H{}".format(*s))
 def test_every_plan_matches_reference(monkeypatch, shape, plan, dtype):
     T, B, D, H = shape
-    mode, n_workers, use_matvec = plan
-    if mode == "chunks":
-        n_workers = min(n_workers, B)
-    monkeypatch.setattr(nb, "_plan", lambda B, H, n_threads: (mode, n_workers, use_matvec))
+    if plan.mode == "chunks":
+        plan = plan._replace(n_workers=min(plan.n_workers, B))
+    monkeypatch.setattr(nb, "_plan", lambda B, H, n_threads: plan)
     args = make_problem(T, B, D, H, dtype, seed=T * B + H)
     dy, dh_T, dc_T = make_upstream(T, B, H, dtype)
     y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="numba", return_cache=True)
@@ -193,13 +204,15 @@ def test_every_plan_matches_reference(monkeypatch, shape, plan, dtype):
     assert_matches_reference((y, h_T, c_T), grads, *reference(args, dy, dh_T, dc_T), dtype)
 
 
+@pytest.mark.parametrize("B", [1, 5])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_split_hidden_is_bit_identical_to_one_thread(monkeypatch, n_threads):
+def test_split_hidden_is_bit_identical_to_one_thread(monkeypatch, n_threads, B):
     """Which thread computes a part never changes the arithmetic, so neither do the parts."""
-    args = make_problem(30, 1, 12, 70, np.float32, seed=5)
-    dy, dh_T, dc_T = make_upstream(30, 1, 70, np.float32)
+    args = make_problem(30, B, 12, 70, np.float32, seed=5)
+    dy, dh_T, dc_T = make_upstream(30, B, 70, np.float32)
     results = []
-    for plan in [("chunks", 1, True), ("split_hidden", 2, True), ("split_hidden", 3, True)]:
+    for plan in [nb.Plan("split_hidden", 2, True, 1), nb.Plan("split_hidden", 2, True, 2),
+                 nb.Plan("split_hidden", 3, True, 2)]:
         monkeypatch.setattr(nb, "_plan", lambda B, H, n, plan=plan: plan)
         fastlstm.set_num_threads(n_threads)
         try:
@@ -217,7 +230,7 @@ def test_helping_with_every_part_gives_the_same_bits(monkeypatch):
     writing: the duplicates must write the same bits (step-unique storage, same code)."""
     args = make_problem(40, 1, 9, 50, np.float32, seed=11)
     dy, dh_T, dc_T = make_upstream(40, 1, 50, np.float32)
-    monkeypatch.setattr(nb, "_plan", lambda B, H, n: ("split_hidden", 2, True))
+    monkeypatch.setattr(nb, "_plan", lambda B, H, n: nb.Plan("split_hidden", 2, True, 2))
     results = []
     for patience in (nb.PATIENCE_CYCLES, -(10**12)):
         monkeypatch.setattr(nb, "PATIENCE_CYCLES", patience)
@@ -231,22 +244,25 @@ def test_helping_with_every_part_gives_the_same_bits(monkeypatch):
 
 def test_planner_choices(monkeypatch):
     monkeypatch.setattr(nb, "_split_backoff", 0)
-    assert nb._plan(1, 256, 2)[0] == "split_hidden"
-    assert nb._plan(1, 256, 1) == ("chunks", 1, False)  # one row: BLAS forwards it to gemv
-    assert nb._plan(8, 512, 2) == ("chunks", 2, True)  # few rows, wide H: per-row matvec
-    assert nb._plan(64, 512, 2) == ("chunks", 2, False)
+    assert nb._plan(1, 256, 2) == ("split_hidden", 2, True, 2)
+    assert nb._plan(1, 256, 1) == ("split_hidden", 1, True, 1)
+    assert nb._plan(1, 64, 2) == ("chunks", 1, False, 2)  # small H: BLAS forwards it to gemv
+    assert nb._plan(8, 512, 2) == ("chunks", 2, True, 2)  # few rows per thread: matvec
+    assert nb._plan(64, 512, 2) == ("chunks", 2, False, 2)
     assert nb._plan(3, 8, 4)[:2] == ("chunks", 3)
 
 
 def test_absent_partner_backs_off_to_one_thread_for_a_while(monkeypatch):
     monkeypatch.setattr(nb, "_split_backoff", 0)
-    nb._note_partner(np.array([50, 50]))
-    assert nb._plan(1, 256, 2)[0] == "split_hidden"
-    nb._note_partner(np.array([98, 2]))
+    plan = nb._plan(1, 256, 2)
+    nb._note_partner(np.array([50, 50]), plan)
+    assert nb._plan(1, 256, 2) == plan
+    nb._note_partner(np.array([98, 2]), plan)
     plans = [nb._plan(1, 256, 2) for _ in range(nb.SPLIT_BACKOFF_CALLS + 1)]
-    assert plans[:-1] == [("chunks", 1, True)] * nb.SPLIT_BACKOFF_CALLS
-    assert plans[-1][0] == "split_hidden"
-    assert nb._plan(4, 256, 2)[0] == "chunks"
+    assert plans[:-1] == [plan._replace(n_threads=1)] * nb.SPLIT_BACKOFF_CALLS
+    assert plans[-1] == plan
+    nb._note_partner(np.array([100, 0]), plan._replace(n_threads=1))  # by design, not absence
+    assert nb._plan(1, 256, 2) == plan
 
 
 def test_speed_rank_prefers_numba_over_the_reference():

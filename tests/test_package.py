@@ -77,6 +77,19 @@ def test_command_line_bench_writes_the_report(tmp_path):
     assert "change = old median / new median" in second.stdout
 
 
+def test_report_warns_when_the_machine_was_busy():
+    from fastlstm._bench import report
+
+    machine = {"cores": 2, "cores_available": 2}
+    assert report.busy_warning(dict(machine, load_before=0.1)) is None
+    assert report.busy_warning(dict(machine, load_before=None)) is None
+    warning = report.busy_warning(dict(machine, load_before=3.4))
+    assert "3.40 on 2 cores" in warning
+    info = dict(report.machine_info(1), load_before=3.4)
+    setup = report.describe_setup({"machine": info, "dtype": "float32", "peak_gflops": 1.0})
+    assert setup.endswith(warning)
+
+
 def test_command_line_rejects_unknown_names():
     import subprocess
     import sys

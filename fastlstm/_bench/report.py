@@ -25,6 +25,28 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+#: 1-minute load average per core before a run from which the report warns that other work was
+#: running: on 2 cores at a load of ~3.4, a 2-thread S1 forward took 36 ms instead of 0.3 ms.
+BUSY_LOAD_PER_CORE = 0.25
+
+
+def load_average():
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_warning(machine):
+    """A warning line when the machine was busy before the run, else None."""
+    load, cores = machine.get("load_before"), machine.get("cores_available") or machine["cores"]
+    if load is None or load < BUSY_LOAD_PER_CORE * cores:
+        return None
+    return (f"warning: the load average was {load:.2f} on {cores} cores before this run: other "
+            "work was running, and multi-threaded timings can be many times too slow")
+
+
 def machine_info(n_threads):
     """What the numbers depend on: CPU, cores, package and BLAS versions, thread settings."""
     versions = {}
@@ -103,8 +125,10 @@ def format_table(rows, markdown=False):
 def describe_setup(report):
     m = report["machine"]
     blas = ", ".join(f"{b['library']} {b['version']} ({b['path']})" for b in m["blas"])
-    return (f"{m['cpu']}, {m['cores']} cores; {report['dtype']}, {m['threads']} threads; "
-            f"GEMM peak measured in this run: {report['peak_gflops']:.1f} GFLOP/s; BLAS: {blas}")
+    setup = (f"{m['cpu']}, {m['cores']} cores; {report['dtype']}, {m['threads']} threads; "
+             f"GEMM peak measured in this run: {report['peak_gflops']:.1f} GFLOP/s; BLAS: {blas}")
+    warning = busy_warning(m)
+    return setup if warning is None else setup + "\n" + warning
 
 
 def write_markdown(report, path):

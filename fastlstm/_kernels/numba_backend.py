@@ -8,12 +8,20 @@ Where the time goes, and what each part here does about it (DESIGN.md §6 has th
 * The gate update (σ, tanh, c and h) is fused into one pass per step. float32 uses a rational
   tanh that vectorizes (scalar ``math.tanh`` does not: no SVML in llvmlite); float64 keeps the
   exact functions, because the float64 tolerance is 1e-10.
-* Batch rows are independent for the whole sequence, so with several rows each thread takes a
-  chunk of rows and runs the whole time loop on it: no synchronisation per step.
-* With one row, the recurrent product is a matrix-vector product bound by the cache bandwidth
-  for Wh (H=256: 1 MiB per step), so the hidden units are split across the threads (each
-  core streams its share of Wh from its own L2) inside one parallel region, with a cheap
-  per-step barrier of our own ("Step barrier" below).
+* The recurrent products go to OpenBLAS in the faster operand order, the weights first:
+  ``pre.T = Wh.T @ h_{t-1}.T`` with Wh.T made contiguous once per call, and in BPTT
+  ``dh.T = Wh @ da_t.T`` (1.1-1.7x, resp. 1.6-2.4x, faster than ``h_{t-1} @ Wh`` and
+  ``da_t @ Wh.T`` for 8-64 rows, 1 thread), then one transpose of the small result. Up to
+  MATVEC_MAX_ROWS rows per thread, our matrix-vector kernels beat BLAS.
+* Batch rows are independent for the whole sequence, so with several rows each thread takes
+  a chunk of rows and runs the whole time loop on it: no synchronisation per step. (Splitting
+  the hidden units across threads for every batch size, with a barrier per step, had better
+  minima at S3/S4 but worse medians on cores shared with other work: a thread that is
+  descheduled for a time slice stalls the other at every step.)
+* With one row (H >= 128), the recurrent product is a matrix-vector product bound by the
+  cache bandwidth for Wh (H=256: 1 MiB per step), so the hidden units are split across the
+  threads (each core streams its share of Wh, packed once per call, from its own L2) inside
+  one parallel region, with a cheap per-step barrier of our own ("Step barrier" below).
 
 Threads: one owner of the cores per call. Numba's threads run everything, GEMMs included,
 split by rows, with every BLAS single-threaded (`blas_threads(1)`): BLAS pools that spin
@@ -22,6 +30,7 @@ the call. Results depend only on the inputs and the thread count, never on timin
 """
 
 import os
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -354,38 +363,30 @@ def _cell_forward(pre, pre_base, pre_stride, xproj_row, b, c_prev, j0, n,
 
 
 @njit(**_JIT)
-def _recurrent_gate_columns(h_prev, Wh, pre, lo, hi):
-    """pre[gate*H + j] = (h_prev @ Wh)[gate*H + j] for the four gates of units lo..hi-1."""
-    H = Wh.shape[0]
-    if lo == 0 and hi == H:
-        _matvec_columns(h_prev, Wh, pre, 0, 4 * H)
-    else:
-        for gate in range(4):
-            _matvec_columns(h_prev, Wh, pre, gate * H + lo, gate * H + hi)
-
-
-@njit(**_JIT)
-def _forward_rows(xproj, b, Wh, use_matvec, r0, r1, hs, cells, gates, tanh_cells):
+def _forward_rows(xproj, b, Wh, Wh_t, use_matvec, r0, r1, hs, cells, gates, tanh_cells):
     """The whole time loop for batch rows r0..r1-1 (rows are independent of each other).
 
     xproj: (T, B, 4H) = x @ Wx;  hs: (T+1, B, H), h0 in slot 0, h_t written to slot t+1;
     cells: (Tc, B, H), c0 in slot 0, c_t written to slot (t+1) % Tc;  gates: (Tg, B, 4H) and
     tanh_cells: (Tg, B, H), step t in slot t % Tg.
-    ``h_prev[r0:r1] @ Wh`` is one BLAS GEMM per step, or with ``use_matvec`` one
-    `_matvec_columns` per row.
+    ``h_prev[r0:r1] @ Wh`` is one BLAS GEMM per step, ``(Wh_t @ h_prev[r0:r1].T).T`` with
+    Wh_t = Wh.T contiguous (the faster operand order, see `_pack_part`), or with
+    ``use_matvec`` one `_matvec_columns` per row.
     """
     T = xproj.shape[0]
     H = hs.shape[2]
     Tc = cells.shape[0]
     Tg = gates.shape[0]
     pre = np.empty((r1 - r0, 4 * H), dtype=xproj.dtype)
+    pre_t = np.empty((4 * H, r1 - r0), dtype=xproj.dtype)
     for t in range(T):
         h_prev = hs[t]
         if use_matvec:
             for r in range(r0, r1):
                 _matvec_columns(h_prev[r], Wh, pre[r - r0], 0, 4 * H)
         else:
-            np.dot(h_prev[r0:r1], Wh, pre)
+            np.dot(Wh_t, h_prev[r0:r1].T, pre_t)
+            _transpose_into(pre_t, pre)
         for r in range(r0, r1):
             _cell_forward(pre[r - r0], 0, H, xproj[t, r], b, cells[t % Tc, r], 0, H,
                           gates[t % Tg, r], cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
@@ -428,15 +429,20 @@ def _matmul_transposed_partials(A, B, partials):
 
 
 @njit(parallel=True, **_JIT)
-def _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_chunks,
+def _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_chunks, Wh_t,
                           xproj, hs, cells, gates, tanh_cells):
-    """xproj = x @ Wx split by rows, then the batch in n_chunks chunks, one thread each."""
+    """xproj = x @ Wx split by rows (and Wh_t = Wh.T by column ranges of Wh, unless
+    use_matvec), then the batch in n_chunks chunks, one thread each."""
     B = xproj.shape[1]
+    N = Wh.shape[1]
     for part in prange(n_chunks):
         _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
                           part, n_chunks)
+        if not use_matvec:
+            n0, n1 = part * N // n_chunks, (part + 1) * N // n_chunks
+            _transpose_into(Wh[:, n0:n1], Wh_t[n0:n1])
     for chunk in prange(n_chunks):
-        _forward_rows(xproj, b, Wh, use_matvec,
+        _forward_rows(xproj, b, Wh, Wh_t, use_matvec,
                       chunk * B // n_chunks, (chunk + 1) * B // n_chunks,
                       hs, cells, gates, tanh_cells)
 
@@ -450,55 +456,129 @@ def _unit_range(part, n_parts, H):
     return lo, hi
 
 
+#: Rows of the source that `_transpose_into` copies per pass (their cache lines stay in L1
+#: while every column of them is written out).
+TRANSPOSE_ROWS = 64
+
+
 @njit(**_JIT)
-def _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells, pre, step, part,
-                  n_parts):
-    """`part` of `step`: step 0 is a row range of xproj = x @ Wx; step 1 + r*T + t is step t
-    of row r for the part's hidden units. Either writes only that step's slots.
+def _transpose_into(src, dst):
+    """dst[:] = src.T   (src: (N, M), dst: (M, N), any strides).
+
+    Passes of TRANSPOSE_ROWS source rows, one contiguous destination run per column, through
+    slices (offsets from 0): 0.32 ns per float32 for (1024, 32), 0.75 ns with square 16x16
+    tiles indexed directly.
     """
+    N, M = src.shape
+    for i0 in range(0, N, TRANSPOSE_ROWS):
+        i1 = min(N, i0 + TRANSPOSE_ROWS)
+        for j in range(M):
+            out = dst[j, i0:i1]
+            column = src[i0:i1, j]
+            for i in range(i1 - i0):
+                out[i] = column[i]
+
+
+@njit(**_JIT)
+def _pack_part(Wh, Wh_packed, lo, hi, transposed):
+    """Copy the columns of units lo..hi-1 (all four gates) into their packed block.
+
+    Plain: block[k, gate*n + u] = Wh[k, gate*H + lo + u], (H, 4n) for the matrix-vector
+    kernel. Transposed: block = that.T, (4n, H) contiguous: OpenBLAS computes
+    ``block @ h.T`` (the weights as its first operand) 1.1-1.7x faster than ``h @ Wh`` for
+    8-64 rows (1 thread, H = 256-512), a strided view of Wh.T no faster than ``h @ Wh``.
+    """
+    H = Wh.shape[0]
+    n = hi - lo
+    if transposed:
+        block_t = Wh_packed[4 * H * lo:4 * H * hi].reshape(4 * n, H)
+        for gate in range(4):
+            _transpose_into(Wh[:, gate * H + lo:gate * H + hi], block_t[gate * n:(gate + 1) * n])
+    else:
+        block = Wh_packed[4 * H * lo:4 * H * hi].reshape(H, 4 * n)
+        for k in range(H):
+            for gate in range(4):
+                block[k, gate * n:(gate + 1) * n] = Wh[k, gate * H + lo:gate * H + hi]
+
+
+@njit(**_JIT)
+def _largest_part(n_parts, H):
+    """The most hidden units any of the n_parts parts has (see `_unit_range`)."""
+    largest = 0
+    for part in range(n_parts):
+        lo, hi = _unit_range(part, n_parts, H)
+        largest = max(largest, hi - lo)
+    return largest
+
+
+@njit(**_JIT)
+def _forward_part(x_rows, Wx, Wh, b, use_matvec, Wh_packed, xproj, hs, cells, gates,
+                  tanh_cells, pre, step, part, n_parts):
+    """`part` of `step`: step 0 is a row range of xproj = x @ Wx and the part's packed Wh;
+    step 1 + t is step t of every batch row for the part's hidden units. Either writes only
+    that step's slots (gates and tanh_cells may be a 1-slot scratch when nothing reads them:
+    a duplicate then writes the same bits where nobody looks).
+    """
+    H = hs.shape[2]
+    lo, hi = _unit_range(part, n_parts, H)
+    n = hi - lo
     if step == 0:
         _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
                           part, n_parts)
+        _pack_part(Wh, Wh_packed, lo, hi, not use_matvec)
         return
-    T = xproj.shape[0]
-    H = hs.shape[2]
-    r, t = (step - 1) // T, (step - 1) % T
-    lo, hi = _unit_range(part, n_parts, H)
-    _recurrent_gate_columns(hs[t, r], Wh, pre, lo, hi)
-    _cell_forward(pre, lo, H, xproj[t, r], b, cells[t, r], lo, hi - lo,
-                  gates[t, r], cells[t + 1, r], tanh_cells[t, r], hs[t + 1, r])
+    if n == 0:
+        return
+    B = hs.shape[1]
+    t = step - 1
+    Tg = gates.shape[0]
+    pre_part = pre[:B * 4 * n].reshape(B, 4 * n)
+    if use_matvec:
+        Wh_part = Wh_packed[4 * H * lo:4 * H * hi].reshape(H, 4 * n)
+        for r in range(B):
+            _matvec_columns(hs[t, r], Wh_part, pre_part[r], 0, 4 * n)
+    else:
+        # pre_part.T = Wh_part.T @ h_{t-1}.T, the faster operand order (see `_pack_part`).
+        Wh_part_t = Wh_packed[4 * H * lo:4 * H * hi].reshape(4 * n, H)
+        pre_part_t = pre[B * 4 * n:2 * B * 4 * n].reshape(4 * n, B)
+        np.dot(Wh_part_t, hs[t].T, pre_part_t)
+        _transpose_into(pre_part_t, pre_part)
+    for r in range(B):
+        _cell_forward(pre_part[r], 0, n, xproj[t, r], b, cells[t, r], lo, n,
+                      gates[t % Tg, r], cells[t + 1, r], tanh_cells[t % Tg, r], hs[t + 1, r])
 
 
 @njit(parallel=True, **_JIT)
-def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience, parts_done,
-                          xproj, hs, cells, gates, tanh_cells):
+def _forward_split_hidden(x_rows, Wx, b, Wh, use_matvec, n_parts, claims, done, patience,
+                          parts_done, Wh_packed, xproj, hs, cells, gates, tanh_cells):
     """The whole forward pass in one parallel region of claimed parts (see "Step barrier"):
-    xproj = x @ Wx by row ranges, then the rows one after the other, each step's hidden units
-    split into n_parts. One region, not two: under load a region waits for a slow thread.
-    Needs full storage: cells (T+1, B, H), gates (T, B, 4H), tanh_cells (T, B, H).
+    xproj = x @ Wx by row ranges, then the steps one after the other, each step's hidden units
+    (for all batch rows) split into n_parts. One region, not two: under load a region waits
+    for a slow thread. Needs step-unique hs (T+1, B, H) and cells (T+1, B, H).
     parts_done[i] (out) counts the parts the i-th thread computed.
     """
     T, B = xproj.shape[0], xproj.shape[1]
     H = hs.shape[2]
+    n_max = _largest_part(n_parts, H)
     for first in prange(n_parts):
-        pre = np.empty(4 * H, dtype=xproj.dtype)
+        pre = np.empty(2 * B * 4 * n_max, dtype=xproj.dtype)
         own_cycles = 0
         parts_done[first] = 0
-        for step in range(1 + B * T):
+        for step in range(1 + T):
             for q in range(n_parts):
                 part = (first + q) % n_parts
                 if _claim_part(claims, part, step):
                     start = _cycle_counter()
-                    _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells,
-                                  pre, step, part, n_parts)
+                    _forward_part(x_rows, Wx, Wh, b, use_matvec, Wh_packed, xproj, hs, cells,
+                                  gates, tanh_cells, pre, step, part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
-                    _forward_part(x_rows, Wx, Wh, b, xproj, hs, cells, gates, tanh_cells,
-                                  pre, step, part, n_parts)
+                    _forward_part(x_rows, Wx, Wh, b, use_matvec, Wh_packed, xproj, hs, cells,
+                                  gates, tanh_cells, pre, step, part, n_parts)
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
 
@@ -546,6 +626,7 @@ def _backward_rows(dy, gates, cells, tanh_cells, Wh, use_matvec, r0, r1, dh, dc,
     T = dy.shape[0]
     H = dy.shape[2]
     carry = np.empty((r1 - r0, H), dtype=dy.dtype)
+    dh_t = np.empty((H, r1 - r0), dtype=dy.dtype)
     dc_steps = np.empty((2, r1 - r0, H), dtype=dy.dtype)
     dc_steps[T % 2] = dc[r0:r1]
     for t in range(T - 1, -1, -1):
@@ -558,7 +639,9 @@ def _backward_rows(dy, gates, cells, tanh_cells, Wh, use_matvec, r0, r1, dh, dc,
             for r in range(r0, r1):
                 _matvec_rows(Wh, dgates[t, r], dh[r], 0, H)
         else:
-            np.dot(dgates[t, r0:r1], Wh.T, dh[r0:r1])
+            # dh.T = Wh @ da.T: the faster operand order (see `_backward_part`).
+            np.dot(Wh, dgates[t, r0:r1].T, dh_t)
+            _transpose_into(dh_t, dh[r0:r1])
     dc[r0:r1] = dc_steps[0]
 
 
@@ -573,52 +656,66 @@ def _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec, n_chunk
 
 
 @njit(**_JIT)
-def _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, r, k, part, n_parts):
-    """Phase k of row r for the hidden units of `part`; writes only phase k's slots.
+def _backward_part(dy, gates, cells, tanh_cells, Wh, use_matvec, dgates, carry, dcs, work, k,
+                   part, n_parts):
+    """Phase k of every batch row for the hidden units of `part`; writes only phase k's slots.
 
-    carry[r, k] = dL/dh_{T-1-k} (carry[r, 0] = dL/dh_T), dcs[r, k] = dL/dc_{T-k}.
+    carry[k] = dL/dh_{T-1-k} (carry[0] = dL/dh_T), dcs[k] = dL/dc_{T-k}; both (T+1, B, H).
     """
-    T, H = dy.shape[0], dy.shape[2]
+    T, B, H = dy.shape
     lo, hi = _unit_range(part, n_parts, H)
+    n = hi - lo
+    if n == 0:
+        return
     if k >= 1:
-        _matvec_rows(Wh, dgates[T - k, r], carry[r, k], lo, hi)
+        if use_matvec:
+            for r in range(B):
+                _matvec_rows(Wh, dgates[T - k, r], carry[k, r], lo, hi)
+        else:
+            # dh_part.T = Wh[lo:hi] @ da.T: the weights (a contiguous row block) as OpenBLAS's
+            # first operand, 1.6-2.4x faster than da @ Wh[lo:hi].T for 16-32 rows, H = 256.
+            dh_part_t = work[:B * n].reshape(n, B)
+            np.dot(Wh[lo:hi], dgates[T - k].T, dh_part_t)
+            _transpose_into(dh_part_t, carry[k, :, lo:hi])
     if k < T:
         t = T - 1 - k
-        _cell_backward(carry[r, k], dy[t, r], dcs[r, k], gates[t, r], cells[t, r],
-                       tanh_cells[t, r], dcs[r, k + 1], dgates[t, r], lo, hi - lo)
+        for r in range(B):
+            _cell_backward(carry[k, r], dy[t, r], dcs[k, r], gates[t, r], cells[t, r],
+                           tanh_cells[t, r], dcs[k + 1, r], dgates[t, r], lo, n)
 
 
 @njit(parallel=True, **_JIT)
-def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, done, patience,
-                           parts_done, carry, dcs, dgates):
-    """Rows one after the other; the hidden units split into n_parts claimed parts.
+def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, use_matvec, n_parts, claims, done,
+                           patience, parts_done, carry, dcs, dgates):
+    """BPTT for all batch rows together; each phase's hidden units split into n_parts parts.
 
-    Phase k of a row (k = 0..T) does, for the part's units: dL/dh_{T-k} = da_{T-k} @ Wh.T
+    Phase k (k = 0..T) does, for the part's units: dL/dh_{T-k} = da_{T-k} @ Wh.T
     (k >= 1; needs all of da_{T-k}, finished in phase k-1), then the gate gradients of step
     T-1-k (k < T; needs only the part's own units). So one barrier per step.
-    carry, dcs: (B, T+1, H) with carry[:, 0] = dL/dh_T, dcs[:, 0] = dL/dc_T; on return
-    carry[:, T] = dL/dh0 and dcs[:, T] = dL/dc0. parts_done as in `_forward_split_hidden`.
+    carry, dcs: (T+1, B, H) with carry[0] = dL/dh_T, dcs[0] = dL/dc_T; on return
+    carry[T] = dL/dh0 and dcs[T] = dL/dc0. parts_done as in `_forward_split_hidden`.
     """
-    T, B = dy.shape[0], dy.shape[1]
+    T, B, H = dy.shape
+    n_max = _largest_part(n_parts, H)
     for first in prange(n_parts):
+        work = np.empty(B * n_max, dtype=dy.dtype)
         own_cycles = 0
         parts_done[first] = 0
-        for step in range(B * (T + 1)):
-            r, k = step // (T + 1), step % (T + 1)
+        for step in range(T + 1):
             for q in range(n_parts):
                 part = (first + q) % n_parts
                 if _claim_part(claims, part, step):
                     start = _cycle_counter()
-                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs,
-                                   r, k, part, n_parts)
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, use_matvec, dgates, carry,
+                                   dcs, work, step, part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
-                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs,
-                                   r, k, part, n_parts)
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, use_matvec, dgates, carry,
+                                   dcs, work, step, part, n_parts)
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
 
@@ -627,44 +724,54 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, do
 # Planning: which kernel for which shape (measured, see the module docstring)
 # --------------------------------------------------------------------------------------------
 
-#: Splitting one row's hidden units across threads pays from this H on. Below it a step is
-#: ~1 µs, not much more than the cross-core hand-over of h_{t-1}.
+#: Splitting the hidden units across threads (and the packed, transposed recurrent product)
+#: pays from this H on. Below it a step is ~1 µs, not much more than the cross-core hand-over
+#: of h_{t-1}, and batch rows split over threads need no per-step sync at all.
 SPLIT_HIDDEN_MIN_H = 128
-#: Rows per thread for which a per-row matrix-vector product beats a BLAS GEMM per step, and
-#: the H from which it does: OpenBLAS packs all of Wh on every small-M GEMM call (H=512, 2 rows:
-#: 19 ms vs 6.5 ms for T=50), while one row is forwarded to its gemv, as fast as ours.
-MATVEC_ROWS = (2, 8)
-MATVEC_MIN_H = 256
+#: Batch rows up to which the per-row matrix-vector kernels beat BLAS for the recurrent
+#: products (1 thread, T=50, H=256, forward / backward ms: 4 rows 3.2/4.9 vs 4.4/5.7 for
+#: BLAS with the weights as first operand; 8 rows 7.6/10.0 vs 6.9/10.0).
+MATVEC_MAX_ROWS = 4
 
 
 #: When a split call finds its partner thread mostly absent (it computed less than this share
 #: of the parts: the cores are busy with other work, and the split was then 1.3–2x slower
-#: than one thread), the next SPLIT_BACKOFF_CALLS one-row calls run on one thread. They use
-#: the same matrix-vector kernels, so the results are bit-identical either way.
+#: than one thread), the next SPLIT_BACKOFF_CALLS split calls run every part on one thread:
+#: the same parts computed by the same code, so the results are bit-identical either way.
 SPLIT_MIN_SHARE = 0.25
 SPLIT_BACKOFF_CALLS = 20
 _split_backoff = 0
 
 
-def _note_partner(parts_done):
+def _note_partner(parts_done, plan):
     """Start a back-off if the parts were not shared (see SPLIT_MIN_SHARE)."""
     global _split_backoff
-    if parts_done.min() < SPLIT_MIN_SHARE * parts_done.sum() / len(parts_done):
+    if plan.n_threads > 1 and parts_done.min() < SPLIT_MIN_SHARE * parts_done.sum() / len(parts_done):
         _split_backoff = SPLIT_BACKOFF_CALLS
 
 
+class Plan(NamedTuple):
+    """How one call runs: `mode` "chunks" (n_workers row chunks, one thread each) or
+    "split_hidden" (n_workers parts of the hidden units per step), per-row matrix-vector
+    products or BLAS, and the threads that run it (fewer than parts: one takes several)."""
+
+    mode: str
+    n_workers: int
+    use_matvec: bool
+    n_threads: int
+
+
 def _plan(B, H, n_threads):
-    """Return (mode, n_workers, use_matvec); mode is "chunks" or "split_hidden"."""
+    """The `Plan` for a call of batch B and hidden size H on n_threads threads."""
     global _split_backoff
-    if B == 1 and n_threads > 1 and H >= SPLIT_HIDDEN_MIN_H:
-        if _split_backoff > 0:
+    if B == 1 and H >= SPLIT_HIDDEN_MIN_H:
+        if n_threads > 1 and _split_backoff > 0:
             _split_backoff -= 1
-            return "chunks", 1, True
-        return "split_hidden", n_threads, True
+            return Plan("split_hidden", n_threads, True, 1)
+        return Plan("split_hidden", n_threads, True, n_threads)
     n_chunks = max(1, min(n_threads, B))
-    rows = B // n_chunks
-    use_matvec = MATVEC_ROWS[0] <= rows <= MATVEC_ROWS[1] and H >= MATVEC_MIN_H
-    return "chunks", n_chunks, use_matvec
+    use_matvec = B // n_chunks <= MATVEC_MAX_ROWS and H >= SPLIT_HIDDEN_MIN_H
+    return Plan("chunks", n_chunks, use_matvec, n_threads)
 
 
 def _usable_threads(n_threads):
@@ -710,6 +817,21 @@ def _matmul_transposed(A, B, n_threads):
     return np.matmul(A.T, B)
 
 
+def _empty_arrays(dtype, *shapes):
+    """Uninitialised arrays of these shapes, carved out of one allocation (64-byte aligned).
+
+    Fresh memory is mapped on first touch: several separate buffers of 1.6-6.5 MB (S3's
+    per-step storage) took 1760 page faults and 4.6 ms to fill, one buffer of the same total
+    11 faults and 0.41 ms (NumPy asks for huge pages for large allocations).
+    """
+    align = max(1, 64 // np.dtype(dtype).itemsize)
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    starts = np.cumsum([0] + [-(-size // align) * align for size in sizes])
+    block = np.empty(starts[-1], dtype)
+    return [block[start:start + size].reshape(shape)
+            for start, size, shape in zip(starts, sizes, shapes)]
+
+
 def _writeable(a):
     """A read-only array is a separate Numba type (another compile); copy those instead."""
     return a if a.flags.writeable else a.copy()
@@ -742,34 +864,42 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     T, B, D = x.shape
     H = Wh.shape[0]
     dtype = x.dtype
-    xproj = np.empty((T, B, 4 * H), dtype)
-    hs = np.empty((T + 1, B, H), dtype)
+    plan = _plan(B, H, _usable_threads(n_threads))
+    split = plan.mode == "split_hidden"
+    # Per-step storage when cached; the split kernel needs step-unique cells as well, while
+    # gates and tanh(c), which only the cache reads, can then be a 1-slot scratch. What the
+    # caller keeps (y = hs[1:], the cache) is one allocation, the scratch another. With
+    # lengths, every step's cell state too (the kernels index it modulo its length), from
+    # which each row's own last one is read.
+    cells_shape = (T + 1 if need_cache or split or lengths is not None else 2, B, H)
+    slots = T if need_cache else 1
+    gates_shape, tanh_cells_shape = (slots, B, 4 * H), (slots, B, H)
+    if need_cache:
+        hs, cells, gates, tanh_cells = _empty_arrays(dtype, (T + 1, B, H), cells_shape,
+                                                     gates_shape, tanh_cells_shape)
+        xproj, Wh_packed = _empty_arrays(dtype, (T, B, 4 * H), (4 * H * H,))
+    else:
+        hs = np.empty((T + 1, B, H), dtype)
+        xproj, Wh_packed, cells, gates, tanh_cells = _empty_arrays(
+            dtype, (T, B, 4 * H), (4 * H * H,), cells_shape, gates_shape, tanh_cells_shape)
     hs[0] = h0
-    n_threads = _usable_threads(n_threads)
-    mode, n_workers, use_matvec = _plan(B, H, n_threads)
-    # Full per-step storage when cached, or when the split kernel needs step-unique slots.
-    full = need_cache or mode == "split_hidden"
-    # With lengths, every step's cell state (the kernels index it modulo its length), from
-    # which each row's own last one is read; the gates still need only one slot.
-    cells = np.empty((T + 1 if full or lengths is not None else 2, B, H), dtype)
     cells[0] = c0
-    gates = np.empty((T if full else 1, B, 4 * H), dtype)
-    tanh_cells = np.empty((T if full else 1, B, H), dtype)
     x_rows = _writeable(x).reshape(T * B, D)
     Wx = _writeable(Wx)
     Wh = _writeable(Wh)
     b = b.copy()
     # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
-    with blas_threads(1), _numba_threads(n_threads):
-        if mode == "split_hidden":
-            parts_done = np.empty(n_workers, np.int64)
-            _forward_split_hidden(x_rows, Wx, b, Wh, n_workers,
-                                  *_new_sync(1 + B * T, n_workers), PATIENCE_CYCLES,
-                                  parts_done, xproj, hs, cells, gates, tanh_cells)
-            _note_partner(parts_done)
+    with blas_threads(1), _numba_threads(plan.n_threads):
+        if split:
+            parts_done = np.empty(plan.n_workers, np.int64)
+            _forward_split_hidden(x_rows, Wx, b, Wh, plan.use_matvec, plan.n_workers,
+                                  *_new_sync(1 + T, plan.n_workers), PATIENCE_CYCLES,
+                                  parts_done, Wh_packed, xproj, hs, cells, gates, tanh_cells)
+            _note_partner(parts_done, plan)
         else:
-            _forward_batch_chunks(x_rows, Wx, b, Wh, use_matvec, n_workers,
-                                  xproj, hs, cells, gates, tanh_cells)
+            _forward_batch_chunks(x_rows, Wx, b, Wh, plan.use_matvec, plan.n_workers,
+                                  Wh_packed.reshape(4 * H, H), xproj, hs, cells, gates,
+                                  tanh_cells)
     y = hs[1:]
     if lengths is None:
         h_T = hs[T].copy()
@@ -788,26 +918,27 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     T, B, H = dy.shape
     D = x_rows.shape[1]
     dy = _writeable(dy)
-    dh = dh_T.copy()
-    dc = dc_T.copy()
-    dgates = np.empty((T, B, 4 * H), dy.dtype)
     n_threads = _usable_threads(n_threads)
-    mode, n_workers, use_matvec = _plan(B, H, n_threads)
-    with blas_threads(1), _numba_threads(n_threads):
-        if mode == "split_hidden":
-            parts_done = np.empty(n_workers, np.int64)
-            carry = np.empty((B, T + 1, H), dy.dtype)
-            dcs = np.empty((B, T + 1, H), dy.dtype)
-            carry[:, 0] = dh
-            dcs[:, 0] = dc
-            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_workers,
-                                   *_new_sync(B * (T + 1), n_workers), PATIENCE_CYCLES,
-                                   parts_done, carry, dcs, dgates)
-            _note_partner(parts_done)
-            dh, dc = carry[:, T].copy(), dcs[:, T].copy()
+    plan = _plan(B, H, n_threads)
+    split = plan.mode == "split_hidden"
+    steps = T + 1 if split else 0
+    dgates, carry, dcs = _empty_arrays(dy.dtype, (T, B, 4 * H), (steps, B, H), (steps, B, H))
+    with blas_threads(1), _numba_threads(plan.n_threads):
+        if split:
+            parts_done = np.empty(plan.n_workers, np.int64)
+            carry[0] = dh_T
+            dcs[0] = dc_T
+            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, plan.use_matvec,
+                                   plan.n_workers, *_new_sync(T + 1, plan.n_workers),
+                                   PATIENCE_CYCLES, parts_done, carry, dcs, dgates)
+            _note_partner(parts_done, plan)
+            dh, dc = carry[T].copy(), dcs[T].copy()
         else:
-            _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, use_matvec,
-                                   n_workers, dh, dc, dgates)
+            dh = dh_T.copy()
+            dc = dc_T.copy()
+            _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, plan.use_matvec,
+                                   plan.n_workers, dh, dc, dgates)
+    with blas_threads(1), _numba_threads(n_threads):
         dgates_rows = dgates.reshape(T * B, 4 * H)
         dx = _matmul(dgates_rows, Wx.T, n_threads).reshape(T, B, D) if need_dx else None
         dWx = _matmul_transposed(x_rows, dgates_rows, n_threads)
