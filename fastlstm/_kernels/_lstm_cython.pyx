@@ -521,6 +521,10 @@ cdef void _weight_gradients(const floating *x, const floating *Wx, const floatin
                             Py_ssize_t D, Py_ssize_t H, int n_threads) noexcept nogil:
     """dx, dWx, dWh, db from all steps' da at once: dx split by rows, the rest by columns.
 
+    On our threads with BLAS single-threaded, not as whole GEMMs on BLAS's own pool: OpenBLAS's
+    threads spin after a call and then fight the next call's OpenMP threads for the cores
+    (2 threads, forward+backward median: S1 0.69 vs 8.0 ms, S3 26-28 vs 66-73 ms).
+
     dx may be NULL: the caller needs no input gradient (a first layer), so its GEMM is skipped.
     """
     cdef Py_ssize_t G = 4 * H
@@ -557,34 +561,6 @@ cdef void _weight_gradients(const floating *x, const floating *Wx, const floatin
                     db[n] += da[r * G + n]
 
 
-cdef void _weight_gradients_by_blas(const floating *x, const floating *Wx, const floating *h0,
-                                    const floating *y, const floating *da, floating *dx,
-                                    floating *dWx, floating *dWh, floating *db, Py_ssize_t T,
-                                    Py_ssize_t B, Py_ssize_t D, Py_ssize_t H) noexcept nogil:
-    """dx, dWx, dWh, db as whole GEMMs on BLAS's own threads (no parallel region here).
-
-    dx may be NULL: no input gradient is needed, its GEMM is skipped.
-    """
-    cdef Py_ssize_t G = 4 * H
-    cdef Py_ssize_t rows = T * B
-    cdef Py_ssize_t r, n
-    # dx = da @ Wx.T
-    if dx != NULL:
-        gemm(False, True, rows, D, G, 1, da, G, Wx, G, 0, dx, D)
-    # dWx = x.reshape(T*B, D).T @ da
-    gemm(True, False, D, G, rows, 1, x, D, da, G, 0, dWx, G)
-    # dWh = h0.T @ da[0] + y[:T-1].reshape(-1, H).T @ da[1:]
-    gemm(True, False, H, G, B, 1, h0, H, da, G, 0, dWh, G)
-    if T > 1:
-        gemm(True, False, H, G, (T - 1) * B, 1, y, H, da + B * G, G, 1, dWh, G)
-    # db = da.sum(axis=0)
-    for n in range(G):
-        db[n] = 0
-    for r in range(rows):
-        for n in range(G):
-            db[n] += da[r * G + n]
-
-
 def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
              const floating[:, ::1] Wx, const floating[:, ::1] Wh, const floating[:, ::1] h0,
              const floating[:, ::1] c0, const floating[:, :, ::1] y,
@@ -592,15 +568,14 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
              const floating[:, :, ::1] tanh_c, floating[:, :, ::1] da, floating[:, ::1] dh,
              floating[:, ::1] dc, floating[:, :, ::1] dx, floating[:, ::1] dWx,
              floating[:, ::1] dWh, floating[::1] db, const floating[::1] packed_t,
-             bint use_matvec, int n_threads, bint blas_owns_cores=False):
+             bint use_matvec, int n_threads):
     """LSTM backward pass (BPTT) into preallocated arrays.
 
     Inputs: dy (T, B, H); from the forward call x, Wx, Wh, h0, c0, y, gates, c_all (T, B, H)
     and tanh_c (T, B, H). In/out: dh, dc (B, H): dh_T, dc_T on entry, dh0, dc0 on exit.
     Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D) or None
     (not computed), dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by
-    `pack_transposed_weights`. Caller holds BLAS to one thread, unless blas_owns_cores: then the
-    weight gradients run as whole GEMMs on BLAS's own threads after the time loop.
+    `pack_transposed_weights`. Caller holds BLAS to one thread.
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = Wh.shape[0]
     cdef floating *dx_ptr = NULL if dx is None else &dx[0, 0, 0]
@@ -613,13 +588,8 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
             _backward_batch(&packed_t[0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
                             &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
                             T, B, H, n_threads)
-        if blas_owns_cores:
-            _weight_gradients_by_blas(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0],
-                                      &da[0, 0, 0], dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0],
-                                      T, B, D, H)
-        else:
-            _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
-                              dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)
+        _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
+                          dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)
 
 
 # ---- streaming step --------------------------------------------------------------------------

@@ -33,9 +33,6 @@ MIN_ROWS_PER_THREAD = 4
 INFERENCE_GATES_BYTES = 16 << 20
 
 
-WEIGHT_GRADIENTS_ON_BLAS_THREADS = False
-
-
 def use_matvec(B, n_threads):
     """Whether a batch of B rows runs the matvec time loops on n_threads threads."""
     return B < MIN_ROWS_PER_THREAD * n_threads
@@ -127,13 +124,9 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     matvec = use_matvec(B, n_threads)
     packed_t = np.empty(_lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize), x.dtype)
     _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
-    if WEIGHT_GRADIENTS_ON_BLAS_THREADS:
-        _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx,
-                              dWx, dWh, db, packed_t, matvec, n_threads, True)
-    else:
-        with _threads.blas_threads(1):
-            _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx,
-                                  dWx, dWh, db, packed_t, matvec, n_threads)
+    with _threads.blas_threads(1):
+        _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx, dWx,
+                              dWh, db, packed_t, matvec, n_threads)
     return dx, dh, dc, dWx, dWh, db
 
 
