@@ -318,8 +318,9 @@ def test_step_pack_layout(H, dtype):
     prepared = cython_backend.STEP_KERNEL.prepare(args["Wx"], args["Wh"], args["b"])
     assert prepared.units == units and not prepared.packed.flags.writeable
     np.testing.assert_array_equal(prepared.packed, expected)
-    with pytest.raises(ValueError, match="step_packed_size"):
-        _lstm_cython.pack_step_weights(stacked, np.empty(expected.size - 1, dtype))
+    with pytest.raises(ValueError, match="packed_size"):
+        _lstm_cython.pack_stacked_weights(args["Wx"], args["Wh"], args["b"],
+                                          np.empty(expected.size - 1, dtype))
 
 
 def test_step_weights_follow_the_kernel_build():

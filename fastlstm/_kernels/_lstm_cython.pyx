@@ -6,23 +6,24 @@ regions of exactly ``n_threads`` threads. BLAS (through `_blas.gemm`) is called 
 those regions on row or column partitions, so the caller must hold BLAS to one thread:
 one owner of the cores per call (DESIGN.md §6).
 
-Two ways through the time loops, chosen by the caller (``use_matvec``):
-- matvec (small batches): the threads split the hidden units (all four gates of a unit
-  together) and run the whole sequence in ONE parallel region with a barrier per step. A
-  forward step is a fused product over pre-arranged (packed) recurrent weights, two batch rows
-  at a time, plus the cell update (forward_step in csrc/lstm_kernels_impl.h); a backward step
-  is the cell's backward and dh = da @ Wh.T over Wh.T packed once per call (backward_dh_panels;
-  S2 on one thread 4% faster than dot products over Wh's natural rows, whose horizontal sums
-  cost more than the packing). Each thread streams only its share of the weights, and nothing
-  repacks them per step.
-- batch: the threads split the batch rows, which are independent over the whole sequence, and
-  run with no synchronisation at all. A step is register-blocked tiles (up to 6 rows x 2 vectors)
-  over the same packed weights (forward: the [i|f] and [o|g] panels of a block of units, then
-  the cell update of that tile while it is in L1; backward: Wh.T packed once per call), where a
-  gemm per step repacked Wh at every call (S3 forward, 1 thread, CPU time: 18.7 -> 15.5 ms;
-  forward+backward 56 -> 45 ms).
-The input projection ``x @ Wx`` and, in backward, dx, dWx and dWh are single large GEMMs
-outside the time loop, split across the threads.
+Two ways through the time loops, chosen by the caller:
+- small batches (`forward`, ``use_matvec`` in `backward`): the threads split the hidden units
+  (all four gates of a unit together) and run the whole sequence in ONE parallel region with a
+  barrier per step. The input projection ``x @ Wx`` comes first, as GEMMs on the threads' rows.
+  A forward step is a fused product over pre-arranged (packed) recurrent weights plus the cell
+  update (forward_step, or forward_tiles from 4 rows, in csrc/lstm_kernels_impl.h); a backward
+  step is the cell's backward and dh = da @ Wh.T over Wh.T packed once per call
+  (backward_dh_panels; S2 on one thread 4% faster than dot products over Wh's natural rows,
+  whose horizontal sums cost more than the packing). Each thread streams only its share of the
+  weights, and nothing repacks them per step.
+- batches (`forward_stacked`, `backward`): the threads split the batch rows, which are
+  independent over the whole sequence, and run with no synchronisation at all. A forward step
+  is one product [x_t, h_{t-1}, 1] @ [Wx; Wh; b] by register-blocked tiles (up to 6 rows x 2
+  vectors) over the stacked weights packed once per call, each block's cell update while its
+  gates are in L1; a backward step runs the same tiles over Wh.T. A gemm per step repacked Wh
+  at every call (S3 forward, 1 thread, CPU time: 18.7 -> 15.5 ms; forward+backward 56 -> 45 ms).
+In backward, dx, dWx and dWh are single large GEMMs after the time loop, split across the
+threads.
 
 Gate blocks along the 4H axis: i, f, o, g.
 """
@@ -164,52 +165,86 @@ cdef inline Py_ssize_t _units(floating *type_tag) noexcept nogil:
     return fastlstm_units_f32() if floating is float else fastlstm_units_f64()
 
 
+cdef inline Py_ssize_t _packed_size(Py_ssize_t K, Py_ssize_t H, Py_ssize_t units) noexcept nogil:
+    return (H + units - 1) // units * K * 4 * units
+
+
 def units_per_block(dtype_size):
     """Hidden units per block of the packed recurrent weights for an element of that size
     (one vector of the kernel build in use)."""
     return fastlstm_units_f32() if dtype_size == 4 else fastlstm_units_f64()
 
 
-def packed_size(Py_ssize_t H, dtype_size):
-    """Number of elements `pack_recurrent_weights` writes for hidden size H."""
+def packed_size(Py_ssize_t K, Py_ssize_t H, dtype_size):
+    """Number of elements the packing functions write for K stacked rows and hidden size H."""
     cdef Py_ssize_t units = units_per_block(dtype_size)
-    return (H + units - 1) // units * H * 4 * units
+    return (H + units - 1) // units * K * 4 * units
 
 
-# Rows of Wh per pass of the packing loops: a pass reads PACK_ROWS whole rows (S5: 64 x 16 KiB,
-# in L2) into every block's panels, rather than one block's column strip down all H rows, each
-# row a new page (TLB misses: S5 pack on one thread 9.8 -> 3.0 ms, the transposed one 13 -> 6 ms).
+# Rows per pass of the packing loops: a pass reads PACK_ROWS whole rows (S5: 64 x 16 KiB, in L2)
+# into every block's panels, rather than one block's column strip down all rows, each row a new
+# page (TLB misses: S5 Wh on one thread 9.8 -> 3.0 ms, the transposed one 13 -> 6 ms).
 cdef enum:
     PACK_ROWS = 64
 
 
-def pack_recurrent_weights(const floating[:, ::1] Wh, floating[::1] packed, int n_threads=1):
-    """Arrange Wh (H, 4H) for the forward kernels: per block of U hidden units, a panel of H rows
-    of [i|f] x U, then a panel of H rows of [o|g] x U. Blocks are split across n_threads threads.
-
-    packed[(((blk * 2 + half) * H + k) * 2 + q2) * U + j] = Wh[k, (2 * half + q2) * H + blk * U + j],
-    0 where that unit >= H.
-    """
-    cdef Py_ssize_t H = Wh.shape[0]
+cdef void _pack_rows(const floating *Wx, Py_ssize_t D, const floating *Wh, const floating *b,
+                     Py_ssize_t H, floating *packed, int n_threads) noexcept nogil:
+    """Arrange the K rows of [Wx; Wh; b] (D + H + 1 rows of 4H; without Wx and b, D = 0 and K = H)
+    in panels: per block of U hidden units, K rows of [i|f] x U, then K rows of [o|g] x U, zero
+    past H. Blocks are split across n_threads threads."""
+    cdef Py_ssize_t G = 4 * H
+    cdef Py_ssize_t K = D + H + (1 if b != NULL else 0)
     cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
     cdef Py_ssize_t blk, blk_begin, blk_end, k_pass, k0, half, k, q, j, n
+    cdef const floating *row
     cdef floating *out
-    with nogil, parallel(num_threads=n_threads):
+    with parallel(num_threads=n_threads):
         blk_begin = _bound(n_blocks, fastlstm_team_size(), threadid(), 1)
         blk_end = _bound(n_blocks, fastlstm_team_size(), threadid() + 1, 1)
-        for k_pass in range((H + PACK_ROWS - 1) // PACK_ROWS):
+        for k_pass in range((K + PACK_ROWS - 1) // PACK_ROWS):
             k0 = k_pass * PACK_ROWS
             for blk in range(blk_begin, blk_end):
                 n = min(units, H - blk * units)
                 for half in range(2):
-                    out = &packed[((blk * 2 + half) * H + k0) * 2 * units]
-                    for k in range(k0, min(k0 + PACK_ROWS, H)):
+                    out = packed + ((blk * 2 + half) * K + k0) * 2 * units
+                    for k in range(k0, min(k0 + PACK_ROWS, K)):
+                        row = Wx + k * G if k < D else (Wh + (k - D) * G if k < D + H else b)
                         for q in range(2 * half, 2 * half + 2):
-                            memcpy(out, &Wh[k, q * H + blk * units], n * sizeof(floating))
+                            memcpy(out, row + q * H + blk * units, n * sizeof(floating))
                             for j in range(n, units):
                                 out[j] = 0
                             out = out + units
+
+
+def pack_recurrent_weights(const floating[:, ::1] Wh, floating[::1] packed, int n_threads=1):
+    """Arrange Wh (H, 4H) for the small-batch forward kernels (`_pack_rows` over K = H rows):
+
+    packed[(((blk * 2 + half) * H + k) * 2 + q2) * U + j] = Wh[k, (2 * half + q2) * H + blk * U + j],
+    0 where that unit >= H; packed has packed_size(H, H, itemsize) elements.
+    """
+    cdef Py_ssize_t H = Wh.shape[0]
+    if packed.shape[0] != _packed_size(H, H, _units(<floating *>NULL)):
+        raise ValueError("packed must have packed_size(H, H) elements")
+    with nogil:
+        _pack_rows(<const floating *>NULL, 0, &Wh[0, 0], <const floating *>NULL, H, &packed[0],
+                   n_threads)
+
+
+def pack_stacked_weights(const floating[:, ::1] Wx, const floating[:, ::1] Wh,
+                         const floating[::1] b, floating[::1] packed, int n_threads=1):
+    """Arrange [Wx; Wh; b] (K = D + H + 1 rows, 4H columns) for the kernels that take the input,
+    the state and a constant 1 in one product (`_pack_rows`):
+
+    packed[(((blk * 2 + half) * K + k) * 2 + q2) * U + j] = stacked[k, (2 * half + q2) * H + blk * U + j],
+    0 where that unit >= H; packed has packed_size(K, H, itemsize) elements.
+    """
+    cdef Py_ssize_t D = Wx.shape[0], H = Wh.shape[0]
+    if packed.shape[0] != _packed_size(D + H + 1, H, _units(<floating *>NULL)):
+        raise ValueError("packed must have packed_size(D + H + 1, H) elements")
+    with nogil:
+        _pack_rows(&Wx[0, 0], D, &Wh[0, 0], &b[0], H, &packed[0], n_threads)
 
 
 def packed_transposed_size(Py_ssize_t H, dtype_size):
@@ -353,44 +388,13 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
                 blk_end = n_blocks
 
 
-cdef void _forward_batch(const floating *packed, const floating *h0, const floating *c0,
-                         floating *gates, floating *y, floating *c_store, floating *tanh_c,
-                         Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
-                         int n_threads, const Py_ssize_t *last_steps=NULL,
-                         floating *c_last=NULL) noexcept nogil:
-    """The time loop for batches: threads split the batch rows and never synchronise."""
-    cdef Py_ssize_t units = _units(<floating *>NULL)
-    cdef Py_ssize_t n_blocks = (H + units - 1) // units
-    cdef Py_ssize_t BH = B * H
-    cdef Py_ssize_t row_begin, row_end, t
-    cdef const floating *h_prev
-    cdef const floating *c_prev
-    cdef floating *c
-    cdef floating *tc
-    with parallel(num_threads=n_threads):
-        row_begin = _bound(B, fastlstm_team_size(), threadid(), 1)
-        row_end = _bound(B, fastlstm_team_size(), threadid() + 1, 1)
-        for t in range(T):
-            h_prev = h0 if t == 0 else y + (t - 1) * BH
-            c = c_store + t * BH if keep_history else c_store
-            c_prev = (c0 if t == 0 else c - BH) if keep_history else c
-            tc = tanh_c + t * BH if keep_history else NULL
-            # gates[t, rows] += h_prev[rows] @ Wh, then the cell update of those rows
-            if floating is float:
-                fastlstm_forward_tiles_f32(packed, H, h_prev, gates + t * B * 4 * H, c_prev, c,
-                                           y + t * BH, tc, row_begin, row_end, 0, n_blocks)
-            else:
-                fastlstm_forward_tiles_f64(packed, H, h_prev, gates + t * B * 4 * H, c_prev, c,
-                                           y + t * BH, tc, row_begin, row_end, 0, n_blocks)
-            _keep_last_cells(c, c_last, last_steps, t, row_begin, row_end, 0, H, H)
-
-
 def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
             const floating[::1] b, const floating[::1] packed, const floating[:, ::1] h0,
             const floating[:, ::1] c0, floating[:, :, ::1] gates, floating[:, :, ::1] y,
-            floating[:, :, ::1] c_store, floating[:, :, ::1] tanh_c, bint use_matvec,
-            int n_threads, const Py_ssize_t[::1] last_steps=None, floating[:, ::1] c_last=None):
-    """LSTM forward pass into preallocated arrays.
+            floating[:, :, ::1] c_store, floating[:, :, ::1] tanh_c, int n_threads,
+            const Py_ssize_t[::1] last_steps=None, floating[:, ::1] c_last=None):
+    """LSTM forward pass of a small batch (threads split the hidden units) into preallocated
+    arrays.
 
     Inputs: x (T, B, D), Wx (D, 4H), Wh (H, 4H), b (4H,), h0, c0 (B, H); packed: Wh arranged
     by `pack_recurrent_weights`.
@@ -404,25 +408,84 @@ def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floati
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = h0.shape[1]
     cdef bint keep_history = tanh_c.shape[0] > 0
     cdef floating *tanh_c_ptr = &tanh_c[0, 0, 0] if keep_history else NULL
-    cdef const Py_ssize_t *last_steps_ptr = NULL
-    cdef floating *c_last_ptr = NULL
-    if last_steps is not None:
-        if c_last is None or last_steps.shape[0] != B or c_last.shape[0] != B \
-                or c_last.shape[1] != H:
-            raise ValueError("last_steps must have shape (B,) and c_last (B, H)")
-        last_steps_ptr = &last_steps[0]
-        c_last_ptr = &c_last[0, 0]
+    cdef const Py_ssize_t *last_steps_ptr = _last_steps(last_steps, c_last, B, H)
+    cdef floating *c_last_ptr = &c_last[0, 0] if last_steps_ptr != NULL else NULL
     with nogil:
         _input_projection(&x[0, 0, 0], &Wx[0, 0], &b[0], &gates[0, 0, 0], T * B, D, H,
                           n_threads)
-        if use_matvec:
-            _forward_matvec(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0],
-                                &y[0, 0, 0], &c_store[0, 0, 0], tanh_c_ptr, T, B, H,
-                                keep_history, n_threads, last_steps_ptr, c_last_ptr)
-        else:
-            _forward_batch(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
-                           &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads,
-                           last_steps_ptr, c_last_ptr)
+        _forward_matvec(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
+                        &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads,
+                        last_steps_ptr, c_last_ptr)
+
+
+cdef const Py_ssize_t *_last_steps(const Py_ssize_t[::1] last_steps, floating[:, ::1] c_last,
+                                   Py_ssize_t B, Py_ssize_t H) except? NULL:
+    """The last_steps pointer of the forward functions (NULL without one), shapes checked."""
+    if last_steps is None:
+        return NULL
+    if c_last is None or last_steps.shape[0] != B or c_last.shape[0] != B \
+            or c_last.shape[1] != H:
+        raise ValueError("last_steps must have shape (B,) and c_last (B, H)")
+    return &last_steps[0]
+
+
+cdef void _forward_stacked(const floating *packed, const floating *x, const floating *h0,
+                           const floating *c0, floating *xh, floating *gates, floating *y,
+                           floating *c_store, floating *tanh_c, Py_ssize_t T, Py_ssize_t B,
+                           Py_ssize_t D, Py_ssize_t H, bint keep_history, int n_threads,
+                           const Py_ssize_t *last_steps, floating *c_last) noexcept nogil:
+    """The time loop for batches: threads split the batch rows and never synchronise; a row's
+    step is one product [x_t, h_{t-1}, 1] @ [Wx; Wh; b] (`_step_blocks`)."""
+    cdef Py_ssize_t K = D + H + 1
+    cdef Py_ssize_t n_blocks = (H + _units(<floating *>NULL) - 1) // _units(<floating *>NULL)
+    cdef Py_ssize_t BH = B * H, G = 4 * H
+    cdef Py_ssize_t row_begin, row_end, t, row
+    cdef const floating *h_prev
+    cdef const floating *c_prev
+    cdef floating *c
+    cdef floating *g
+    cdef floating *tc
+    with parallel(num_threads=n_threads):
+        row_begin = _bound(B, fastlstm_team_size(), threadid(), 1)
+        row_end = _bound(B, fastlstm_team_size(), threadid() + 1, 1)
+        for t in range(T):
+            h_prev = h0 if t == 0 else y + (t - 1) * BH
+            c = c_store + t * BH if keep_history else c_store
+            c_prev = (c0 if t == 0 else c - BH) if keep_history else c
+            g = gates + t * B * G if keep_history else gates
+            tc = tanh_c + t * BH if keep_history else NULL
+            for row in range(row_begin, row_end):
+                memcpy(xh + row * K, x + (t * B + row) * D, D * sizeof(floating))
+                memcpy(xh + row * K + D, h_prev + row * H, H * sizeof(floating))
+                xh[row * K + K - 1] = 1
+                if keep_history:  # the cell update runs in place, on c_t = c_{t-1}
+                    memcpy(c + row * H, c_prev + row * H, H * sizeof(floating))
+            _step_blocks(packed, xh + row_begin * K, g + row_begin * G, c + row_begin * H,
+                         y + t * BH + row_begin * H, tc + row_begin * H if tc != NULL else NULL,
+                         row_end - row_begin, K, H, 0, n_blocks)
+            _keep_last_cells(c, c_last, last_steps, t, row_begin, row_end, 0, H, H)
+
+
+def forward_stacked(const floating[:, :, ::1] x, const floating[::1] packed,
+                    const floating[:, ::1] h0, const floating[:, ::1] c0, floating[:, ::1] xh,
+                    floating[:, :, ::1] gates, floating[:, :, ::1] y,
+                    floating[:, :, ::1] c_store, floating[:, :, ::1] tanh_c, int n_threads,
+                    const Py_ssize_t[::1] last_steps=None, floating[:, ::1] c_last=None):
+    """LSTM forward pass of a batch (threads split the rows) into preallocated arrays.
+
+    Inputs: x (T, B, D), packed: [Wx; Wh; b] arranged by `pack_stacked_weights`, h0, c0 (B, H).
+    Scratch: xh (B, D + H + 1). Outputs as `forward`, except gates: (T, B, 4H) activated gates
+    when a history is kept, else (1, B, 4H) scratch. Uses no BLAS.
+    """
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = h0.shape[1]
+    cdef bint keep_history = tanh_c.shape[0] > 0
+    cdef floating *tanh_c_ptr = &tanh_c[0, 0, 0] if keep_history else NULL
+    cdef const Py_ssize_t *last_steps_ptr = _last_steps(last_steps, c_last, B, H)
+    cdef floating *c_last_ptr = &c_last[0, 0] if last_steps_ptr != NULL else NULL
+    with nogil:
+        _forward_stacked(&packed[0], &x[0, 0, 0], &h0[0, 0], &c0[0, 0], &xh[0, 0],
+                         &gates[0, 0, 0], &y[0, 0, 0], &c_store[0, 0, 0], tanh_c_ptr, T, B, D,
+                         H, keep_history, n_threads, last_steps_ptr, c_last_ptr)
 
 
 # ---- backward --------------------------------------------------------------------------------
@@ -603,44 +666,9 @@ cdef extern from "csrc/step_kernels.h" nogil:
                                 double *c_hi, Py_ssize_t n_hi, Py_ssize_t ldc, int accumulate)
 
 
-cdef inline Py_ssize_t _step_packed_size(Py_ssize_t K, Py_ssize_t H,
-                                         Py_ssize_t units) noexcept nogil:
-    return (H + units - 1) // units * 4 * units * K
-
-
-def step_packed_size(Py_ssize_t K, Py_ssize_t H, dtype_size):
-    """Number of elements `pack_step_weights` writes for K stacked rows and hidden size H."""
-    return _step_packed_size(K, H, units_per_block(dtype_size))
-
-
-def pack_step_weights(const floating[:, ::1] stacked, floating[::1] packed):
-    """Arrange stacked (K, 4H) = [Wx; Wh; b] for `stacked_step` as `pack_recurrent_weights` does
-    Wh, over K rows: per block of U hidden units (U = `units_per_block`), a panel of K rows of
-    [i|f] x U, then a panel of K rows of [o|g] x U.
-
-    packed[(((blk * 2 + half) * K + k) * 2 + q2) * U + j] = stacked[k, (2 * half + q2) * H + blk * U + j],
-    0 where that unit >= H.
-    """
-    cdef Py_ssize_t K = stacked.shape[0], H = stacked.shape[1] // 4
-    cdef Py_ssize_t units = _units(<floating *>NULL)
-    cdef Py_ssize_t blk, half, k, q, j, n
-    cdef floating *out = &packed[0]
-    if packed.shape[0] != _step_packed_size(K, H, units):
-        raise ValueError("packed must have step_packed_size(K, H) elements")
-    with nogil:
-        for blk in range((H + units - 1) // units):
-            n = min(units, H - blk * units)
-            for half in range(2):
-                for k in range(K):
-                    for q in range(2 * half, 2 * half + 2):
-                        for j in range(units):
-                            out[j] = stacked[k, q * H + blk * units + j] if j < n else 0
-                        out = out + units
-
-
 cdef void _step_blocks(const floating *packed, const floating *xh, floating *gates,
-                       floating *c, floating *h, Py_ssize_t B, Py_ssize_t K, Py_ssize_t H,
-                       Py_ssize_t blk_begin, Py_ssize_t blk_end) noexcept nogil:
+                       floating *c, floating *h, floating *tanh_c, Py_ssize_t B, Py_ssize_t K,
+                       Py_ssize_t H, Py_ssize_t blk_begin, Py_ssize_t blk_end) noexcept nogil:
     """The step for the hidden units of blocks [blk_begin, blk_end): per block, its gates of
     all rows, gates[r, q·H + u] = Σ_k xh[r, k] · stacked[k, q·H + u], by register tiles (up to
     6 rows x 2 vectors, the tiles of `forward_tiles`), then those units' cell update while the
@@ -674,10 +702,12 @@ cdef void _step_blocks(const floating *packed, const floating *xh, floating *gat
             for row in range(r, r + mr):
                 if floating is float:
                     fastlstm_cell_update_f32(gates + row * G, H, c + row * H, c + row * H,
-                                             h + row * H, NULL, u, u + n)
+                                             h + row * H, tanh_c + row * H if tanh_c else NULL,
+                                             u, u + n)
                 else:
                     fastlstm_cell_update_f64(gates + row * G, H, c + row * H, c + row * H,
-                                             h + row * H, NULL, u, u + n)
+                                             h + row * H, tanh_c + row * H if tanh_c else NULL,
+                                             u, u + n)
             r += mr
 
 
@@ -698,10 +728,10 @@ cdef void _stacked_step(const char *x_data, Py_ssize_t x_row_stride, Py_ssize_t 
         memcpy(xh + row * K + D, h + row * H, H * sizeof(floating))
         xh[row * K + K - 1] = 1
     if n_threads <= 1:
-        _step_blocks(packed, xh, gates, c, h, B, K, H, 0, n_blocks)
+        _step_blocks(packed, xh, gates, c, h, NULL, B, K, H, 0, n_blocks)
     else:
         for blk in prange(n_blocks, num_threads=n_threads, schedule="dynamic"):
-            _step_blocks(packed, xh, gates, c, h, B, K, H, blk, blk + 1)
+            _step_blocks(packed, xh, gates, c, h, NULL, B, K, H, blk, blk + 1)
 
 
 cdef inline bint _is_matrix(cnp.ndarray a, int type_num, Py_ssize_t rows, Py_ssize_t cols):
@@ -718,7 +748,7 @@ def stacked_step(cnp.ndarray x_t, cnp.ndarray packed, Py_ssize_t packed_units, c
 
     With stacked (K, 4H) = [Wx; Wh; b] (K = D + H + 1) and xh (B, K) = [x_t, h, 1] (scratch,
     filled here), one product gives the pre-activations: gates (B, 4H, scratch) = xh @ stacked
-    (= x_t @ Wx + h @ Wh + b). packed: stacked arranged by `pack_step_weights` under a build of
+    (= x_t @ Wx + h @ Wh + b). packed: [Wx; Wh; b] arranged by `pack_stacked_weights` under a build of
     packed_units units per block (ValueError if the build in use differs). n_threads > 1 threads
     take the blocks of hidden units one at a time (dynamic schedule: on shared cores a thread
     that runs late takes fewer blocks, rather than holding up the step with half of them).
@@ -742,9 +772,9 @@ def stacked_step(cnp.ndarray x_t, cnp.ndarray packed, Py_ssize_t packed_units, c
             and _is_matrix(c, type_num, B, H) and _is_matrix(xh, type_num, B, D + H + 1)
             and _is_matrix(gates, type_num, B, 4 * H) and cnp.PyArray_NDIM(packed) == 1
             and cnp.PyArray_TYPE(packed) == type_num and cnp.PyArray_IS_C_CONTIGUOUS(packed)
-            and packed.shape[0] == _step_packed_size(D + H + 1, H, units)):
+            and packed.shape[0] == _packed_size(D + H + 1, H, units)):
         raise ValueError("stacked_step: x_t (B, D), h, c (B, H), xh (B, D + H + 1), gates "
-                         "(B, 4H) and packed (step_packed_size) of one float dtype")
+                         "(B, 4H) and packed (packed_size(D + H + 1, H)) of one float dtype")
     cdef const char *x_data = <const char *>cnp.PyArray_DATA(x_t)
     cdef Py_ssize_t x_row_stride = cnp.PyArray_STRIDE(x_t, 0)
     cdef Py_ssize_t x_stride = cnp.PyArray_STRIDE(x_t, 1)
@@ -760,3 +790,4 @@ def stacked_step(cnp.ndarray x_t, cnp.ndarray packed, Py_ssize_t packed_units, c
                           <const double *>cnp.PyArray_DATA(packed), <double *>cnp.PyArray_DATA(xh),
                           <double *>cnp.PyArray_DATA(gates), <double *>cnp.PyArray_DATA(h),
                           <double *>cnp.PyArray_DATA(c), B, D, H, n_threads)
+

@@ -1,10 +1,10 @@
 """Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 or AVX-512 chosen at
 run time.
 
-This module is the glue: it allocates outputs and scratch, packs the recurrent weights (Wh for
-the forward kernels, Wh.T for the backward's batch loop), holds BLAS to one thread while the
-kernels' own threads run (they call BLAS on their share of the work, DESIGN.md §6) and calls
-`_lstm_cython`.
+This module is the glue: it allocates outputs and scratch, packs the weights once per call
+(Wh for the small-batch forward, [Wx; Wh; b] for the batch forward, Wh.T for the backward),
+holds BLAS to one thread while the kernels' own threads run (they call BLAS on their share of
+the work, DESIGN.md §6) and calls `_lstm_cython`.
 """
 
 from typing import NamedTuple
@@ -17,8 +17,8 @@ from .._step import StepKernel
 from . import _lstm_cython
 
 #: Fewest batch rows per thread for the batch time loops (threads split the batch rows; tiles of
-#: up to 6 rows over the packed weights); smaller batches run the matvec loops (threads split the
-#: hidden units, a barrier per step). A thread's tile needs 4 rows (8 accumulators) to hide the
+#: up to 6 rows over the packed weights); smaller batches run the small-batch loops (threads split
+#: the hidden units, a barrier per step). A thread's tile needs 4 rows (8 accumulators) to hide the
 #: FMA latency. Measured, float32, (T, D, H) = (50, 256, 256), one thread, median CPU ms,
 #: matvec vs tiles: forward B=2 1.61 vs 1.73, B=4 2.96 vs 2.57, B=16 13.4 vs 9.8, B=32 23.0 vs
 #: 19.7; forward+backward B=2 5.4 vs 4.9, B=4 9.7 vs 7.6, B=16 40.9 vs 28.0. (Two threads on
@@ -26,10 +26,10 @@ from . import _lstm_cython
 MIN_ROWS_PER_THREAD = 4
 
 
-#: Most bytes of pre-activations (T·B·4H values) an inference call (no cache) keeps at once: longer
-#: sequences run in chunks of time steps, each chunk's input projection one GEMM of at least
-#: B·(steps per chunk) rows. A fresh (T, B, 4H) array above glibc's mmap threshold (32 MiB) is
-#: page-faulted in at every call: S5 (84 MB) spent 6.3 ms of ~300 on it, S4 (52 MB) 3.5 ms.
+#: Most bytes of pre-activations (T·B·4H values) a small-batch inference call (no cache) keeps at
+#: once: longer sequences run in chunks of time steps, each chunk's input projection one GEMM. A
+#: fresh array above glibc's mmap threshold (32 MiB) is page-faulted in at every call (84 MB:
+#: 6.3 ms). (The batch loop keeps no such array: it multiplies x_t within each step.)
 INFERENCE_GATES_BYTES = 16 << 20
 
 
@@ -58,17 +58,70 @@ def pack(Wh, n_threads=1):
     otherwise every forward call packs them (one thread: S2 ~0.07 ms of the call's time, S5 ~7 ms).
     """
     Wh = np.ascontiguousarray(Wh)
-    packed = np.empty(_lstm_cython.packed_size(Wh.shape[0], Wh.dtype.itemsize), Wh.dtype)
+    H = Wh.shape[0]
+    packed = np.empty(_lstm_cython.packed_size(H, H, Wh.dtype.itemsize), Wh.dtype)
     _lstm_cython.pack_recurrent_weights(Wh, packed, n_threads)
     return PackedWeights(Wh, packed, _lstm_cython.units_per_block(Wh.dtype.itemsize))
 
 
 def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed=None):
-    """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`.
+    """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`
+    (read by the small-batch loop only).
 
     With ``lengths`` and no cache, the time loop copies each row's cell state at its last step,
     instead of keeping every step's cell state.
     """
+    T, B, _ = x.shape
+    H = Wh.shape[0]
+    y = np.empty((T, B, H), x.dtype)
+    if need_cache:
+        gates = np.empty((T, B, 4 * H), x.dtype)
+        c_store = np.empty((T, B, H), x.dtype)
+        tanh_c = np.empty((T, B, H), x.dtype)
+        c_last = None
+    else:
+        c_store = c0.copy()[np.newaxis]  # c0 on entry, the latest cell state after each call
+        tanh_c = np.empty((0, B, H), x.dtype)
+        # With lengths, the time loop copies each row's cell state at its last step into c_last
+        # (one compare per row and step); rows of length 0 keep c0.
+        c_last = None if lengths is None else c0.copy()
+    if use_matvec(B, n_threads):
+        _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last,
+                             gates if need_cache else None, lengths, n_threads, packed)
+    else:
+        _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last,
+                       gates if need_cache else None, lengths, n_threads)
+    if not need_cache:
+        if lengths is None:
+            return y, y[-1].copy(), c_store[-1].copy(), None
+        return y, state_at_lengths(y, h0, lengths), c_last, None
+    cache = (x, Wx, Wh, h0, c0, y, gates, c_store, tanh_c)
+    if lengths is None:
+        return y, y[-1].copy(), c_store[-1].copy(), cache
+    return y, state_at_lengths(y, h0, lengths), state_at_lengths(c_store, c0, lengths), cache
+
+
+def _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, lengths, n_threads):
+    """Threads split the rows; each step is one product [x_t, h, 1] @ [Wx; Wh; b] by register
+    tiles over the stacked weights packed here. Against the input projection as one GEMM before
+    the loop plus h @ Wh per step: one thread, S3 forward 14.6-14.9 vs 15.0-16.2 ms; 2 threads,
+    S5 291 vs 300 ms, S3 level. (``gates`` None: no history, a one-step scratch.)"""
+    T, B, D = x.shape
+    H = Wh.shape[0]
+    packed = np.empty(_lstm_cython.packed_size(D + H + 1, H, x.itemsize), x.dtype)
+    _lstm_cython.pack_stacked_weights(Wx, Wh, b, packed, n_threads)
+    xh = np.empty((B, D + H + 1), x.dtype)
+    if gates is None:
+        gates = np.empty((1, B, 4 * H), x.dtype)
+    _lstm_cython.forward_stacked(x, packed, h0, c0, xh, gates, y, c_store, tanh_c, n_threads,
+                                 None if c_last is None else lengths - 1, c_last)
+
+
+def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, lengths,
+                         n_threads, packed):
+    """Threads split the hidden units, a barrier a step, after the input projection as GEMMs on
+    the threads' rows. (``gates`` None: no history; the projection then runs in chunks of steps
+    holding at most INFERENCE_GATES_BYTES.)"""
     T, B, _ = x.shape
     H = Wh.shape[0]
     units = _lstm_cython.units_per_block(x.dtype.itemsize)
@@ -76,38 +129,21 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed
         packed_array = packed.packed
     else:
         packed_array = pack(Wh, n_threads).packed
-    y = np.empty((T, B, H), x.dtype)
-    matvec = use_matvec(B, n_threads)
-    if need_cache:
-        gates = np.empty((T, B, 4 * H), x.dtype)
-        c_store = np.empty((T, B, H), x.dtype)
-        tanh_c = np.empty((T, B, H), x.dtype)
+    if gates is not None:
         with _threads.blas_threads(1):
             _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y, c_store, tanh_c,
-                                 matvec, n_threads)
-        cache = (x, Wx, Wh, h0, c0, y, gates, c_store, tanh_c)
-        if lengths is None:
-            return y, y[-1].copy(), c_store[-1].copy(), cache
-        return y, state_at_lengths(y, h0, lengths), state_at_lengths(c_store, c0, lengths), cache
-    step_bytes = B * 4 * H * x.itemsize
-    chunk = max(1, min(T, INFERENCE_GATES_BYTES // step_bytes))
+                                 n_threads)
+        return
+    chunk = max(1, min(T, INFERENCE_GATES_BYTES // (B * 4 * H * x.itemsize)))
     gates = np.empty((chunk, B, 4 * H), x.dtype)
-    c_store = c0.copy()[np.newaxis]  # c0 on entry, the latest cell state after each chunk
-    no_history = np.empty((0, B, H), x.dtype)
-    # With lengths, the time loop copies each row's cell state at its last step into c_last
-    # (one compare per row and step; last steps outside a chunk match none of its steps).
-    c_last = None if lengths is None else c0.copy()  # rows of length 0 keep c0
     with _threads.blas_threads(1):
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
             h_prev = h0 if t0 == 0 else y[t0 - 1]
+            # last steps outside this chunk match none of its steps
             _lstm_cython.forward(x[t0:t1], Wx, Wh, b, packed_array, h_prev, c0,
-                                 gates[: t1 - t0], y[t0:t1], c_store, no_history, matvec,
-                                 n_threads, None if lengths is None else lengths - 1 - t0,
-                                 c_last)
-    if lengths is None:
-        return y, y[-1].copy(), c_store[-1].copy(), None
-    return y, state_at_lengths(y, h0, lengths), c_last, None
+                                 gates[: t1 - t0], y[t0:t1], c_store, tanh_c, n_threads,
+                                 None if lengths is None else lengths - 1 - t0, c_last)
 
 
 def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
@@ -165,7 +201,7 @@ STEP_THREADS_FROM = 1 << 19
 
 class StepWeights(NamedTuple):
     """One layer's weights for the step kernel: [Wx; Wh; b] (K = D + H + 1 rows, 4H columns)
-    arranged by `_lstm_cython.pack_step_weights` under a build of ``units`` units per block."""
+    arranged by `_lstm_cython.pack_stacked_weights` under a build of ``units`` units per block."""
 
     packed: np.ndarray
     units: int
@@ -174,12 +210,12 @@ class StepWeights(NamedTuple):
 
 
 def _step_prepare(Wx, Wh, b):
-    stacked = np.concatenate([Wx, Wh, b[np.newaxis, :]], axis=0)
-    K, H = stacked.shape[0], Wh.shape[0]
-    packed = np.empty(_lstm_cython.step_packed_size(K, H, stacked.itemsize), stacked.dtype)
-    _lstm_cython.pack_step_weights(stacked, packed)
+    K, H = Wx.shape[0] + Wh.shape[0] + 1, Wh.shape[0]
+    packed = np.empty(_lstm_cython.packed_size(K, H, Wx.itemsize), Wx.dtype)
+    _lstm_cython.pack_stacked_weights(np.ascontiguousarray(Wx), np.ascontiguousarray(Wh),
+                                      np.ascontiguousarray(b), packed)
     packed.setflags(write=False)
-    return StepWeights(packed, _lstm_cython.units_per_block(stacked.itemsize), K, H)
+    return StepWeights(packed, _lstm_cython.units_per_block(Wx.itemsize), K, H)
 
 
 class _StepBuffers:
