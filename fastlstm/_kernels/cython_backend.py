@@ -7,6 +7,7 @@ holds BLAS to one thread while the kernels' own threads run (they call BLAS on t
 the work, DESIGN.md §6) and calls `_lstm_cython`.
 """
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +32,33 @@ MIN_ROWS_PER_THREAD = 4
 #: fresh array above glibc's mmap threshold (32 MiB) is page-faulted in at every call (84 MB:
 #: 6.3 ms). (The batch loop keeps no such array: it multiplies x_t within each step.)
 INFERENCE_GATES_BYTES = 16 << 20
+
+
+#: Largest scratch array (bytes) a thread keeps for its next call; see `_scratch`.
+SCRATCH_KEEP_BYTES = 128 << 20
+
+_thread_scratch = threading.local()
+
+
+def _scratch(name, shape, dtype):
+    """An uninitialised array for a kernel's scratch (packed weights, da), reused by this thread's
+    next call when it asks for the same name, shape and dtype.
+
+    Fresh arrays cost page faults: glibc gives freed blocks back to the system and the next call
+    faults them in again, one page at a time. A forward+backward call at S1 faulted 348 pages
+    (0.7 ms of kernel time, more than half the call), at S3 4000 (12 ms of CPU time). Each thread
+    keeps one array per name (at most SCRATCH_KEEP_BYTES), so calls from several Python threads
+    never share scratch.
+    """
+    kept = getattr(_thread_scratch, "arrays", None)
+    if kept is None:
+        kept = _thread_scratch.arrays = {}
+    array = kept.get(name)
+    if array is None or array.shape != shape or array.dtype != dtype:
+        array = np.empty(shape, dtype)
+        if array.nbytes <= SCRATCH_KEEP_BYTES:
+            kept[name] = array
+    return array
 
 
 def use_matvec(B, n_threads):
@@ -108,11 +136,11 @@ def _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, leng
     S5 291 vs 300 ms, S3 level. (``gates`` None: no history, a one-step scratch.)"""
     T, B, D = x.shape
     H = Wh.shape[0]
-    packed = np.empty(_lstm_cython.packed_size(D + H + 1, H, x.itemsize), x.dtype)
+    packed = _scratch("stacked", (_lstm_cython.packed_size(D + H + 1, H, x.itemsize),), x.dtype)
     _lstm_cython.pack_stacked_weights(Wx, Wh, b, packed, n_threads)
-    xh = np.empty((B, D + H + 1), x.dtype)
+    xh = _scratch("xh", (B, D + H + 1), x.dtype)
     if gates is None:
-        gates = np.empty((1, B, 4 * H), x.dtype)
+        gates = _scratch("gates", (1, B, 4 * H), x.dtype)
     _lstm_cython.forward_stacked(x, packed, h0, c0, xh, gates, y, c_store, tanh_c, n_threads,
                                  None if c_last is None else lengths - 1, c_last)
 
@@ -128,14 +156,16 @@ def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates
     if packed is not None and packed.Wh is Wh and packed.units == units:
         packed_array = packed.packed
     else:
-        packed_array = pack(Wh, n_threads).packed
+        packed_array = _scratch("recurrent", (_lstm_cython.packed_size(H, H, x.itemsize),),
+                                x.dtype)
+        _lstm_cython.pack_recurrent_weights(Wh, packed_array, n_threads)
     if gates is not None:
         with _threads.blas_threads(1):
             _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y, c_store, tanh_c,
                                  n_threads)
         return
     chunk = max(1, min(T, INFERENCE_GATES_BYTES // (B * 4 * H * x.itemsize)))
-    gates = np.empty((chunk, B, 4 * H), x.dtype)
+    gates = _scratch("gates", (chunk, B, 4 * H), x.dtype)
     with _threads.blas_threads(1):
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
@@ -150,7 +180,7 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     """Backend backward: see `fastlstm._backends.Backend`."""
     x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c = cache
     T, B, _ = x.shape
-    da = np.empty_like(gates)
+    da = _scratch("da", gates.shape, gates.dtype)
     dh = dh_T.copy()
     dc = dc_T.copy()
     dx = np.empty_like(x) if need_dx else None
@@ -158,7 +188,8 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     dWh = np.empty_like(Wh)
     db = np.empty(Wh.shape[1], x.dtype)
     matvec = use_matvec(B, n_threads)
-    packed_t = np.empty(_lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize), x.dtype)
+    packed_t = _scratch("transposed",
+                        (_lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize),), x.dtype)
     _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
     with _threads.blas_threads(1):
         _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx, dWx,
