@@ -177,8 +177,7 @@ def units_per_block(dtype_size):
 
 def packed_size(Py_ssize_t K, Py_ssize_t H, dtype_size):
     """Number of elements the packing functions write for K stacked rows and hidden size H."""
-    cdef Py_ssize_t units = units_per_block(dtype_size)
-    return (H + units - 1) // units * K * 4 * units
+    return _packed_size(K, H, units_per_block(dtype_size))
 
 
 # Rows per pass of the packing loops: a pass reads PACK_ROWS whole rows (S5: 64 x 16 KiB, in L2)
