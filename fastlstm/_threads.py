@@ -58,17 +58,40 @@ def _blas_controllers():
         return [lib for lib in _controller.lib_controllers if lib.user_api == "blas"]
 
 
+_blocks_lock = threading.Lock()
+_blocks_active = 0  # blas_threads blocks running now, over every Python thread
+_blocks_limit = None  # the pools' thread count while blocks run
+_blocks_saved = []  # (library, its thread count before the first block)
+
+
 @contextlib.contextmanager
 def blas_threads(n):
-    """Limit every loaded BLAS pool to ``n`` threads inside the block, then restore it."""
-    changed = []
+    """Limit every loaded BLAS pool to ``n`` threads inside the block, then restore it.
+
+    Blocks overlap when several Python threads call fastlstm at once, and nest (the API's block
+    around a backend's): while any block runs the pools keep the smallest count one asked for,
+    and the setting from before the first block comes back when the last one ends. (With each
+    block restoring what it found, one thread's exit gave BLAS its whole pool in the middle of
+    another thread's kernel: two Python threads ran S1 forward calls at 0.78x the rate of one.)
+    """
+    global _blocks_active, _blocks_limit
+    with _blocks_lock:
+        if _blocks_active == 0:
+            _blocks_saved[:] = [(lib, lib.get_num_threads()) for lib in _blas_controllers()]
+            _blocks_limit = None
+        if _blocks_limit is None or n < _blocks_limit:
+            for lib, _ in _blocks_saved:
+                if lib.get_num_threads() != n:
+                    lib.set_num_threads(n)
+            _blocks_limit = n
+        _blocks_active += 1
     try:
-        for lib in _blas_controllers():
-            before = lib.get_num_threads()
-            if before != n:
-                lib.set_num_threads(n)
-                changed.append((lib, before))
         yield
     finally:
-        for lib, before in changed:
-            lib.set_num_threads(before)
+        with _blocks_lock:
+            _blocks_active -= 1
+            if _blocks_active == 0:
+                for lib, before in _blocks_saved:
+                    if lib.get_num_threads() != before:
+                        lib.set_num_threads(before)
+                _blocks_saved.clear()

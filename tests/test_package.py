@@ -4,6 +4,7 @@ import importlib.metadata
 import re
 
 import numpy as np
+import pytest
 
 import fastlstm
 from fresh_python import run_python
@@ -97,3 +98,40 @@ def test_command_line_rejects_unknown_names():
     result = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--shapes", "S9"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown ['S9']" in result.stderr
+
+
+def test_blas_limits_of_overlapping_calls():
+    """Nested or overlapping blas_threads blocks (calls from several Python threads) keep the
+    smallest count asked for, and the pools get their setting back when the last block ends."""
+    import threading
+
+    from fastlstm import _threads
+
+    pools = _threads._blas_controllers()
+    if not pools:
+        pytest.skip("no BLAS library loaded")
+    counts = lambda: {lib.get_num_threads() for lib in pools}  # noqa: E731
+    before = {lib: lib.get_num_threads() for lib in pools}
+    entered, release = threading.Event(), threading.Event()
+
+    def other_call():
+        with _threads.blas_threads(1):
+            entered.set()
+            release.wait(10)
+
+    other = threading.Thread(target=other_call)
+    try:
+        with _threads.blas_threads(2):
+            assert counts() == {2}
+            other.start()
+            assert entered.wait(10)
+            assert counts() == {1}
+            with _threads.blas_threads(2):
+                assert counts() == {1}  # a larger request does not raise the limit
+            release.set()
+            other.join(10)
+            assert counts() == {1}  # not restored while a block still runs
+        assert {lib: lib.get_num_threads() for lib in pools} == before
+    finally:
+        release.set()
+        other.join(10)
