@@ -61,6 +61,9 @@ _load_errors = {}
 
 
 def _load(name):
+    backend = _loaded.get(name)
+    if backend is not None:  # every call resolves its backend: skip the lock once loaded
+        return backend
     with _lock:
         if name not in _loaded and name not in _load_errors:
             try:

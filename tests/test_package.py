@@ -118,7 +118,7 @@ def test_blas_limits_of_overlapping_calls(monkeypatch):
             self.n = n
 
     pools = [Pool(4), Pool(3)]
-    monkeypatch.setattr(_threads, "_blas_controllers", lambda: pools)
+    monkeypatch.setattr(_threads, "_blas_pools", lambda: pools)
     counts = lambda: [pool.n for pool in pools]  # noqa: E731
     entered, release = threading.Event(), threading.Event()
 
@@ -146,3 +146,35 @@ def test_blas_limits_of_overlapping_calls(monkeypatch):
     finally:
         release.set()
         other.join(10)
+
+
+def test_blas_limit_holds_in_any_python_thread():
+    """A call from a worker thread limits the real BLAS pools even after another thread set them
+    through threadpoolctl (which then ignores every other thread's settings)."""
+    import threading
+
+    from fastlstm import _threads
+
+    fastlstm.available_backends()  # loads every backend's BLAS
+    _threads.forget_loaded_libraries()
+    libs = _threads._blas_controllers()
+    assert libs, "NumPy's BLAS not found"
+    before = [lib.get_num_threads() for lib in libs]
+    seen = []
+
+    def worker():
+        with _threads.blas_threads(1):
+            seen.append([lib.get_num_threads() for lib in libs])
+
+    try:
+        for lib in libs:
+            lib.set_num_threads(2)  # this thread becomes threadpoolctl's controlling thread
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join(30)
+        after = [lib.get_num_threads() for lib in libs]
+    finally:
+        for lib, n in zip(libs, before):
+            lib.set_num_threads(n)
+    assert seen == [[1] * len(libs)]
+    assert after == [2] * len(libs)
