@@ -315,7 +315,7 @@ def test_fresh_process_loads_kernels_from_the_cache():
         x = np.ones((4, 1, 3), np.float32)
         Wx, Wh, b = np.ones((3, 40), np.float32), np.ones((10, 40), np.float32), np.ones(40, np.float32)
         fastlstm.lstm_forward(x, Wx, Wh, b, backend="numba")
-        d = nb._forward_batch_chunks
+        d = nb._forward_batch_tiles  # the kernel of this shape (H < 128), with its tiles
         print(sum(d.stats.cache_misses.values()), sum(d.stats.cache_hits.values()))
     """
     run_in_fresh_process(code)  # fills the cache if it was empty
