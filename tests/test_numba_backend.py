@@ -189,7 +189,8 @@ PLANS = [  # what _plan would return, forced
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p[0]}-{p[1]}-{'matvec' if p[2] else 'gemm'}-{p[3]}t")
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: "{}-{}-{}-{}t".format(
+    p[0], p[1], "matvec" if p[2] else "gemm" if p[0] == "split_hidden" else "tiles", p[3]))
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (9, 1, 5, 19), (6, 4, 7, 33), (4, 3, 2, 48)],
                          ids=lambda s: "T{}B{}D{}H{}".format(*s))
 def test_every_plan_matches_reference(monkeypatch, shape, plan, dtype):
@@ -246,8 +247,9 @@ def test_planner_choices(monkeypatch):
     monkeypatch.setattr(nb, "_split_backoff", 0)
     assert nb._plan(1, 256, 2) == ("split_hidden", 2, True, 2)
     assert nb._plan(1, 256, 1) == ("split_hidden", 1, True, 1)
-    assert nb._plan(1, 64, 2) == ("chunks", 1, False, 2)  # small H: BLAS forwards it to gemv
-    assert nb._plan(8, 512, 2) == ("chunks", 2, True, 2)  # few rows per thread: matvec
+    assert nb._plan(1, 64, 2) == ("chunks", 1, False, 2)  # small H: a one-row tile
+    assert nb._plan(2, 512, 2) == ("chunks", 2, True, 2)  # one row per thread: matvec
+    assert nb._plan(4, 512, 2) == ("chunks", 2, False, 2)  # two rows per thread: tiles
     assert nb._plan(64, 512, 2) == ("chunks", 2, False, 2)
     assert nb._plan(3, 8, 4)[:2] == ("chunks", 3)
 

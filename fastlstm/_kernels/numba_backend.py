@@ -2,17 +2,17 @@
 
 Where the time goes, and what each part here does about it (DESIGN.md §6 has the measurements):
 
-* Only ``h_{t-1} @ Wh`` (forward) and ``da_t @ Wh.T`` (backward) are sequential. The input
-  projection ``x @ Wx`` for all T·B rows is one GEMM before the loop; dx, dWx and dWh are
-  GEMMs after it, db a reduction.
+* Only ``h_{t-1} @ Wh`` (forward) and ``da_t @ Wh.T`` (backward) are sequential. dx, dWx and
+  dWh are GEMMs after the loop, db a reduction.
 * The gate update (σ, tanh, c and h) is fused into one pass per step. float32 uses a rational
   tanh that vectorizes (scalar ``math.tanh`` does not: no SVML in llvmlite); float64 keeps the
   exact functions, because the float64 tolerance is 1e-10.
-* The recurrent products go to OpenBLAS in the faster operand order, the weights first:
-  ``pre.T = Wh.T @ h_{t-1}.T`` with Wh.T made contiguous once per call, and in BPTT
-  ``dh.T = Wh @ da_t.T`` (1.1-1.7x, resp. 1.6-2.4x, faster than ``h_{t-1} @ Wh`` and
-  ``da_t @ Wh.T`` for 8-64 rows, 1 thread), then one transpose of the small result. Up to
-  MATVEC_MAX_ROWS rows per thread, our matrix-vector kernels beat BLAS.
+* With several rows per thread, a forward step is one product [x_t, h_{t-1}, 1] @ [Wx; Wh; b]
+  by register tiles written in LLVM IR ("Register tiles" below) over the stacked weights,
+  packed once per call, and a BPTT step runs the same tiles over Wh.T: no input projection
+  and no BLAS in the time loop (OpenBLAS per step repacked the weights at every call; S3
+  forward 8.9 -> 6.6 ms, S5 336 -> 264 ms). With one row per thread, matrix-vector kernels
+  (MATVEC_MAX_ROWS) after the input projection ``x @ Wx`` as one GEMM.
 * Batch rows are independent for the whole sequence, so with several rows each thread takes
   a chunk of rows and runs the whole time loop on it: no synchronisation per step. (Splitting
   the hidden units across threads for every batch size, with a barrier per step, had better
@@ -999,10 +999,11 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, use_matvec, n_parts
 #: pays from this H on. Below it a step is ~1 µs, not much more than the cross-core hand-over
 #: of h_{t-1}, and batch rows split over threads need no per-step sync at all.
 SPLIT_HIDDEN_MIN_H = 128
-#: Batch rows up to which the per-row matrix-vector kernels beat BLAS for the recurrent
-#: products (1 thread, T=50, H=256, forward / backward ms: 4 rows 3.2/4.9 vs 4.4/5.7 for
-#: BLAS with the weights as first operand; 8 rows 7.6/10.0 vs 6.9/10.0).
-MATVEC_MAX_ROWS = 4
+#: Rows per thread up to which the per-row matrix-vector kernels beat the tiles. Measured,
+#: float32, T = 50, median ms forward / forward+backward, matvec vs tiles: 2 threads, B = 2,
+#: D = H = 256 (1 row each) 1.07/4.77 vs 1.57/5.76; B = 4, (D, H) = (128, 256) 1.73/6.40 vs
+#: 1.36/5.79; B = 8 3.33/11.1 vs 1.86/8.16; 1 thread, B = 4 3.32/8.47 vs 1.85/7.85.
+MATVEC_MAX_ROWS = 1
 
 
 #: When a split call finds its partner thread mostly absent (it computed less than this share
