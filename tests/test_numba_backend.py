@@ -226,6 +226,22 @@ def test_split_hidden_is_bit_identical_to_one_thread(monkeypatch, n_threads, B):
             np.testing.assert_array_equal(a, b)
 
 
+def test_helping_threads_never_expose_partial_results(monkeypatch):
+    """A duplicate of the step-0 part (the input projection, by BLAS, which writes its output
+    through zeros and partial sums) ran while the other thread read it for step 1: at no
+    patience, 3 wrong forward calls in 3000 at this shape before the fix."""
+    args = make_problem(3, 1, 5, 19, np.float32, seed=3)
+    monkeypatch.setattr(nb, "_plan", lambda B, H, n: nb.Plan("split_hidden", 2, True, 2))
+    monkeypatch.setattr(nb, "PATIENCE_CYCLES", -(10**12))
+    monkeypatch.setattr(nb, "PATIENCE_FACTOR", 0)
+    first = fastlstm.lstm_forward(**args, backend="numba")
+    wrong = 0
+    for _ in range(6000):
+        wrong += not all(np.array_equal(a, b)
+                         for a, b in zip(fastlstm.lstm_forward(**args, backend="numba"), first))
+    assert wrong == 0
+
+
 def test_helping_with_every_part_gives_the_same_bits(monkeypatch):
     """With no patience every waiting thread recomputes parts the other thread may still be
     writing: the duplicates must write the same bits (step-unique storage, same code)."""

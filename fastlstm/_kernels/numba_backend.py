@@ -669,6 +669,86 @@ def _matmul_transposed_partials(A, B, partials):
             partials[part] = 0
 
 
+@njit(**_JIT)
+def _pack_columns(A, panels, p_lo, p_hi):
+    """Column panels p_lo..p_hi-1 of A (M, N), 2V wide, zero past N:
+    panels[(p·M + k)·2V + j] = A[k, p·2V + j] (the `_tile` panel of the product X @ A)."""
+    M, N = A.shape
+    width = 2 * (VECTOR_BYTES // A.itemsize)
+    for p in range(p_lo, p_hi):
+        n = min(width, N - p * width)
+        for k in range(M):
+            out = panels[(p * M + k) * width:(p * M + k + 1) * width]
+            src = A[k, p * width:p * width + n]
+            for j in range(n):
+                out[j] = src[j]
+            for j in range(n, width):
+                out[j] = 0
+
+
+@njit(**_JIT)
+def _product_panels(a, panels, K, out, p_lo, p_hi, tile):
+    """out[:, panel columns] = a (rows, K) @ P for panels p_lo..p_hi-1 of P (K rows, panels as
+    `_pack_columns` lays them out), by `_tile`; tile: scratch of TILE_ROWS·2V values."""
+    rows, N = out.shape
+    width = 2 * (VECTOR_BYTES // out.itemsize)
+    a_flat = a.reshape(-1)
+    for p in range(p_lo, p_hi):
+        n = min(width, N - p * width)
+        r = 0
+        while r < rows:
+            mr = _next_tile_rows(rows - r)
+            _tile(mr, K, a_flat, r * K, K, panels, p * K * width, tile, 0, width // 2, width)
+            for i in range(mr):
+                out[r + i, p * width:p * width + n] = tile[i * width:i * width + n]
+            r += mr
+
+
+@njit(parallel=True, **_JIT)
+def _weight_gradients_tiled(dgates, x_rows, h_rows, Wx, need_dx, n_parts, dx_rows, dWx, dWh,
+                            db):
+    """dx = dgates @ Wx.T, dWx = x.T @ dgates, dWh = h_prev.T @ dgates, db = dgates.sum(0) by
+    `_tile` (for few rows M = T·B, where BLAS runs these products at half its peak).
+
+    dgates (M, 4H), x_rows (M, D), h_rows (M, H): every step's rows. The products' panels
+    (dgates by columns, Wx.T by blocks of its columns) are packed by n_parts threads, then
+    each thread computes its share of every output's column panels.
+    """
+    M, G = dgates.shape
+    D, H = x_rows.shape[1], h_rows.shape[1]
+    width = 2 * (VECTOR_BYTES // dgates.itemsize)
+    n_da, n_dx = (G + width - 1) // width, (D + width - 1) // width
+    da_panels = np.empty(n_da * M * width, dtype=dgates.dtype)
+    wx_panels = np.empty(n_dx * G * width if need_dx else 0, dtype=dgates.dtype)
+    x_t = np.empty((D, M), dtype=dgates.dtype)
+    h_t = np.empty((H, M), dtype=dgates.dtype)
+    for part in prange(n_parts):
+        _pack_columns(dgates, da_panels, part * n_da // n_parts, (part + 1) * n_da // n_parts)
+        if need_dx:
+            _pack_transposed(Wx, wx_panels, part * n_dx // n_parts,
+                             (part + 1) * n_dx // n_parts)
+        if part == 0:
+            _transpose_into(x_rows, x_t)
+        if part == n_parts - 1:
+            _transpose_into(h_rows, h_t)
+    for part in prange(n_parts):
+        tile = np.empty(TILE_ROWS * width, dtype=dgates.dtype)
+        lo, hi = part * n_da // n_parts, (part + 1) * n_da // n_parts
+        _product_panels(x_t, da_panels, M, dWx, lo, hi, tile)
+        _product_panels(h_t, da_panels, M, dWh, lo, hi, tile)
+        for p in range(lo, hi):
+            n = min(width, G - p * width)
+            column_sums = db[p * width:p * width + n]
+            column_sums[:] = 0
+            for k in range(M):
+                panel_row = da_panels[(p * M + k) * width:(p * M + k) * width + n]
+                for j in range(n):
+                    column_sums[j] += panel_row[j]
+        if need_dx:
+            _product_panels(dgates, wx_panels, G, dx_rows, part * n_dx // n_parts,
+                            (part + 1) * n_dx // n_parts, tile)
+
+
 @njit(parallel=True, **_JIT)
 def _forward_batch_chunks(x_rows, Wx, b, Wh, n_chunks, xproj, hs, cells, gates, tanh_cells):
     """xproj = x @ Wx split by rows, then the batch in n_chunks chunks of `_forward_rows`, one
@@ -773,8 +853,16 @@ def _forward_part(x_rows, Wx, Wh, b, use_matvec, Wh_packed, xproj, hs, cells, ga
     lo, hi = _unit_range(part, n_parts, H)
     n = hi - lo
     if step == 0:
-        _matmul_row_range(x_rows, Wx, xproj.reshape(x_rows.shape[0], xproj.shape[2]),
-                          part, n_parts)
+        # A row range of xproj = x @ Wx, made in private memory and then copied: BLAS writes
+        # its output through zeros and partial sums, and a duplicate of this part (a helping
+        # thread) would show those to a thread already reading xproj for step 1 (at zero
+        # patience, 8 wrong forward calls in 9000).
+        M = x_rows.shape[0]
+        r0, r1 = part * M // n_parts, (part + 1) * M // n_parts
+        if r1 > r0:
+            rows = np.empty((r1 - r0, Wx.shape[1]), dtype=Wx.dtype)
+            np.dot(x_rows[r0:r1], Wx, rows)
+            xproj.reshape(M, xproj.shape[2])[r0:r1] = rows
         _pack_part(Wh, Wh_packed, lo, hi, not use_matvec)
         return
     if n == 0:
@@ -1069,6 +1157,10 @@ class _numba_threads:
 #: other thread (a futex with the passive libgomp) costs more than it saves.
 PARALLEL_GEMM_MIN_FMA = 4_000_000
 
+#: Most rows T·B for which the weight gradients run on `_tile` rather than BLAS: OpenBLAS ran
+#: those products at 40-50 GFLOP/s on one thread for T·B = 100 (S1: dx 81, dWx 71, dWh 138 µs).
+TILED_GRADIENTS_MAX_ROWS = 512
+
 
 def _matmul(A, B, n_threads):
     """A @ B as a fresh array, rows split over the threads when it is large enough."""
@@ -1220,11 +1312,20 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
                                 dy.dtype)
             _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, packed_t, plan.use_matvec,
                                    plan.n_workers, dh, dc, dgates)
+    dgates_rows = dgates.reshape(T * B, 4 * H)
+    h_rows = hs[:T].reshape(T * B, H)
+    if T * B <= TILED_GRADIENTS_MAX_ROWS:
+        dx = np.empty((T, B, D) if need_dx else (0, B, D), dy.dtype)
+        dWx, dWh = np.empty((D, 4 * H), dy.dtype), np.empty((H, 4 * H), dy.dtype)
+        db = np.empty(4 * H, dy.dtype)
+        with _numba_threads(n_threads):
+            _weight_gradients_tiled(dgates_rows, x_rows, h_rows, Wx, need_dx, n_threads,
+                                    dx.reshape(-1, D), dWx, dWh, db)
+        return dx if need_dx else None, dh, dc, dWx, dWh, db
     with blas_threads(1), _numba_threads(n_threads):
-        dgates_rows = dgates.reshape(T * B, 4 * H)
         dx = _matmul(dgates_rows, Wx.T, n_threads).reshape(T, B, D) if need_dx else None
         dWx = _matmul_transposed(x_rows, dgates_rows, n_threads)
-        dWh = _matmul_transposed(hs[:T].reshape(T * B, H), dgates_rows, n_threads)
+        dWh = _matmul_transposed(h_rows, dgates_rows, n_threads)
     db = dgates_rows.sum(axis=0)
     return dx, dh, dc, dWx, dWh, db
 
