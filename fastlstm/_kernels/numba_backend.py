@@ -1340,14 +1340,14 @@ def cells_from_cache(cache, c_T):
 
 
 def speed_rank(T, B, D, H):
-    """Preference for backend=None (higher wins; the reference ranks 0).
+    """Preference for backend=None (higher wins; the reference ranks 0, Cython 2).
 
-    Faster than the reference on every benchmark shape. Measured side by side (float32,
-    2 threads, each implementation in its own process, median ms, 2 shared cores under a load
-    of ~4): forward S1 0.44 vs numpy 2.13, S2 2.14 vs 8.96, S3 34.8 vs 112, S4 513 vs 1586,
-    S5 1000 vs 1412; forward+backward S1 1.13, S2 5.7, S3 76, S4 1052, S5 1534. The better
-    choice over the other compiled backend is the batched shapes (B >= 32, per-thread batch
-    chunks with no per-step synchronisation), where that backend ranks itself below 1.
+    Faster than the reference on every benchmark shape; level with the Cython backend on
+    batches and behind it at B = 1, so Cython stays first where it is built. Measured side by
+    side (float32, 2 threads, each implementation in its own process, median ms, numba vs
+    numpy vs cython): forward S1 0.361 vs 2.12 vs 0.249, S2 1.15 vs 5.07 vs 0.936, S3 7.63 vs
+    13.6 vs 6.61, S4 130 vs 193 vs 124, S5 262 vs 326 vs 275; forward+backward S3 24.1 vs 57.1
+    vs 24.4, S4 414 vs 949 vs 418, S5 817 vs 1179 vs 814.
     """
     return 1
 
