@@ -126,14 +126,25 @@ def test_unit_ranges_cover_every_unit_once_aligned(H, n_parts):
 @pytest.mark.parametrize("lo, hi", [(0, 21), (0, 16), (16, 21), (5, 5)])
 def test_pack_part_gathers_the_four_gate_ranges(lo, hi, transposed):
     H = 21
+    V = nb.VECTOR_BYTES // 8  # float64 values per vector; parts start at multiples of it
     Wh = np.random.default_rng(hi).standard_normal((H, 4 * H))
-    packed = np.full(4 * H * H, 7.0)
+    packed = np.full((H + V - 1) // V * V * 4 * H, 7.0)
     nb._pack_part(Wh, packed, lo, hi, transposed)
-    want = np.concatenate([Wh[:, gate * H + lo:gate * H + hi] for gate in range(4)], axis=1)
-    block = packed[4 * H * lo:4 * H * hi]
-    got = block.reshape(4 * (hi - lo), H).T if transposed else block.reshape(H, 4 * (hi - lo))
-    np.testing.assert_array_equal(got, want)
-    assert np.all(packed[:4 * H * lo] == 7.0) and np.all(packed[4 * H * hi:] == 7.0)
+    if transposed:
+        want = np.concatenate([Wh[:, gate * H + lo:gate * H + hi] for gate in range(4)], axis=1)
+        got = packed[4 * H * lo:4 * H * hi].reshape(4 * (hi - lo), H).T
+        np.testing.assert_array_equal(got, want)
+        end = hi
+    else:
+        for u in range(lo, hi, V):  # a panel (H, 4V) per V units, zero past hi
+            n = min(V, hi - u)
+            panel = packed[4 * H * u:4 * H * (u + V)].reshape(H, 4 * V)
+            for gate in range(4):
+                np.testing.assert_array_equal(panel[:, gate * V:gate * V + n],
+                                              Wh[:, gate * H + u:gate * H + u + n])
+                assert np.all(panel[:, gate * V + n:(gate + 1) * V] == 0)
+        end = lo + (hi - lo + V - 1) // V * V
+    assert np.all(packed[:4 * H * lo] == 7.0) and np.all(packed[4 * H * end:] == 7.0)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 40), (17, 33), (16, 16)])
