@@ -252,6 +252,30 @@ def packed_transposed_size(Py_ssize_t H, dtype_size):
     return (H + width - 1) // width * width * 4 * H
 
 
+cdef void _pack_transposed(const floating *W, Py_ssize_t H, Py_ssize_t G, floating *packed_t,
+                           int n_threads) noexcept nogil:
+    """W.T for W (H, G) in blocks of N = 2U of W's rows, split across n_threads threads:
+    packed_t[(blk * G + k) * N + j] = W[blk * N + j, k], 0 where blk * N + j >= H."""
+    cdef Py_ssize_t width = 2 * _units(<floating *>NULL)
+    cdef Py_ssize_t n_blocks = (H + width - 1) // width
+    cdef Py_ssize_t blk, k, j, n
+    cdef floating *out
+    cdef Py_ssize_t k_pass, k0, k_end
+    for blk in prange(n_blocks, num_threads=n_threads, schedule="static"):
+        n = min(width, H - blk * width)
+        out = packed_t + blk * G * width
+        # tiles of N rows x PACK_ROWS values: rows read along, written across, both in L1
+        for k_pass in range((G + PACK_ROWS - 1) // PACK_ROWS):
+            k0 = k_pass * PACK_ROWS
+            k_end = min(k0 + PACK_ROWS, G)
+            for j in range(n):
+                for k in range(k0, k_end):
+                    out[k * width + j] = W[(blk * width + j) * G + k]
+            for j in range(n, width):
+                for k in range(k0, k_end):
+                    out[k * width + j] = 0
+
+
 def pack_transposed_weights(const floating[:, ::1] Wh, floating[::1] packed_t, int n_threads=1):
     """Arrange Wh.T (4H, H) for the backward tiles: per block of N = 2U hidden units j, 4H rows
     of N values. Blocks are split across n_threads threads.
@@ -259,24 +283,10 @@ def pack_transposed_weights(const floating[:, ::1] Wh, floating[::1] packed_t, i
     packed_t[(blk * 4H + k) * N + j] = Wh[blk * N + j, k], 0 where that unit >= H.
     """
     cdef Py_ssize_t H = Wh.shape[0], G = Wh.shape[1]
-    cdef Py_ssize_t width = 2 * _units(<floating *>NULL)
-    cdef Py_ssize_t n_blocks = (H + width - 1) // width
-    cdef Py_ssize_t blk, k, j, n
-    cdef floating *out
-    cdef Py_ssize_t k_pass, k0, k_end
-    for blk in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
-        n = min(width, H - blk * width)
-        out = &packed_t[blk * G * width]
-        # tiles of N rows x PACK_ROWS values: rows read along, written across, both in L1
-        for k_pass in range((G + PACK_ROWS - 1) // PACK_ROWS):
-            k0 = k_pass * PACK_ROWS
-            k_end = min(k0 + PACK_ROWS, G)
-            for j in range(n):
-                for k in range(k0, k_end):
-                    out[k * width + j] = Wh[blk * width + j, k]
-            for j in range(n, width):
-                for k in range(k0, k_end):
-                    out[k * width + j] = 0
+    if packed_t.shape[0] != packed_transposed_size(H, sizeof(floating)):
+        raise ValueError("packed_t must have packed_transposed_size(H) elements")
+    with nogil:
+        _pack_transposed(&Wh[0, 0], H, G, &packed_t[0], n_threads)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -515,6 +525,16 @@ def forward_stacked(const floating[:, :, ::1] x, const floating[::1] packed,
 
 # ---- backward --------------------------------------------------------------------------------
 
+cdef extern from "csrc/step_kernels.h" nogil:
+    void fastlstm_gemm_tile_f32(int mr, Py_ssize_t K, const float *a, Py_ssize_t lda,
+                                const float *panel, float *c_lo, Py_ssize_t n_lo, float *c_hi,
+                                Py_ssize_t n_hi, Py_ssize_t ldc, int accumulate)
+    void fastlstm_gemm_tile_f64(int mr, Py_ssize_t K, const double *a, Py_ssize_t lda,
+                                const double *panel, double *c_lo, Py_ssize_t n_lo,
+                                double *c_hi, Py_ssize_t n_hi, Py_ssize_t ldc, int accumulate)
+
+
+
 cdef inline const floating *_c_prev(const floating *c0, const floating *c_all, Py_ssize_t t,
                                     Py_ssize_t row, Py_ssize_t B, Py_ssize_t H) noexcept nogil:
     """c_{t-1} of one row: c0 at t = 0, else the stored cell state of step t-1."""
@@ -603,12 +623,149 @@ cdef void _backward_batch(const floating *packed_t, const floating *c0, const fl
                                                row_end)
 
 
+# Most rows T·B whose weight gradients run on the register tiles rather than BLAS: OpenBLAS ran
+# these short products (K = T·B) at 40-70 GFLOP/s on one thread at S1 (T·B = 100). (Their
+# scratch comes from the caller: malloc'd per call, it was page-faulted in every time, and
+# T·B = 500 ran 25% slower than BLAS.)
+cdef enum:
+    TILED_GRADIENTS_MAX_ROWS = 512
+
+
+cdef inline void _tile(int mr, Py_ssize_t K, const floating *a, Py_ssize_t lda,
+                       const floating *panel, floating *c, Py_ssize_t n, Py_ssize_t units,
+                       Py_ssize_t ldc) noexcept nogil:
+    """c[r·ldc + j] = Σ_k a[r·lda + k] · panel[k·2U + j] for r < mr, j < n <= 2U (U = units)."""
+    if floating is float:
+        fastlstm_gemm_tile_f32(mr, K, a, lda, panel, c, min(n, units), c + units,
+                               max(0, n - units), ldc, 0)
+    else:
+        fastlstm_gemm_tile_f64(mr, K, a, lda, panel, c, min(n, units), c + units,
+                               max(0, n - units), ldc, 0)
+
+
+cdef void _panel_products(const floating *a, Py_ssize_t rows, Py_ssize_t K,
+                          const floating *panels, floating *out, Py_ssize_t N,
+                          Py_ssize_t p_begin, Py_ssize_t p_end) noexcept nogil:
+    """out[:, panel p's columns] = a (rows, K) @ P for p in [p_begin, p_end), P (K, N) arranged
+    in panels of K rows x 2U columns (zero past N), out (rows, N)."""
+    cdef Py_ssize_t units = _units(<floating *>NULL)
+    cdef Py_ssize_t width = 2 * units
+    cdef Py_ssize_t p, r, tiles
+    cdef int mr
+    for p in range(p_begin, p_end):
+        r = 0
+        while r < rows:
+            tiles = (rows - r + 5) // 6
+            mr = <int>((rows - r + tiles - 1) // tiles)
+            _tile(mr, K, a + r * K, K, panels + p * K * width, out + r * N + p * width,
+                  min(width, N - p * width), units, N)
+            r += mr
+
+
+cdef inline Py_ssize_t _tiled_gradients_size(Py_ssize_t T, Py_ssize_t B, Py_ssize_t D,
+                                             Py_ssize_t H, Py_ssize_t width) noexcept nogil:
+    """Scratch values of `_weight_gradients_tiled`: da in panels, x.T, h_prev.T, Wx.T in panels."""
+    cdef Py_ssize_t rows = T * B, G = 4 * H
+    return ((G + width - 1) // width * rows * width + (D + H) * rows
+            + (D + width - 1) // width * G * width)
+
+
+def tiled_gradients_size(Py_ssize_t T, Py_ssize_t B, Py_ssize_t D, Py_ssize_t H, dtype_size):
+    """Elements of the scratch that `backward` needs to run the weight gradients on the tiles
+    (0: those shapes run them on BLAS)."""
+    if T * B > TILED_GRADIENTS_MAX_ROWS:
+        return 0
+    return _tiled_gradients_size(T, B, D, H, 2 * units_per_block(dtype_size))
+
+
+cdef void _weight_gradients_tiled(const floating *x, const floating *Wx, const floating *h0,
+                                  const floating *y, const floating *da, floating *dx,
+                                  floating *dWx, floating *dWh, floating *db, Py_ssize_t T,
+                                  Py_ssize_t B, Py_ssize_t D, Py_ssize_t H, floating *scratch,
+                                  int n_threads) noexcept nogil:
+    """`_weight_gradients` by the register tiles, for at most TILED_GRADIENTS_MAX_ROWS rows:
+    da packed in panels of 2U columns, x and h_{t-1} transposed, Wx.T packed (for dx), all in
+    `scratch` (`tiled_gradients_size` values); then each thread takes its share of every
+    output's panels (dx: of its rows). Against BLAS, forward+backward, 2 threads, paired runs,
+    float32: S1 0.688 -> 0.633 ms, S2 2.69 -> 2.50, (T, B, D, H) = (500, 1, 64, 128) 2.99 ->
+    2.93, (64, 8, 256, 512) 28.7 -> 27.0; one thread, S1 CPU time 1.02 -> 0.99 ms."""
+    cdef Py_ssize_t G = 4 * H, rows = T * B
+    cdef Py_ssize_t width = 2 * _units(<floating *>NULL)
+    cdef Py_ssize_t n_da = (G + width - 1) // width, n_dx = (D + width - 1) // width
+    cdef floating *da_panels = scratch
+    cdef floating *x_t = da_panels + n_da * rows * width
+    cdef floating *h_t = x_t + D * rows
+    cdef floating *wx_panels = h_t + H * rows
+    cdef Py_ssize_t p, k, j, n, r, begin, end
+    cdef const floating *h_row
+    cdef int team, part
+    cdef fastlstm_barrier barrier
+    fastlstm_barrier_init(&barrier)
+    with parallel(num_threads=n_threads):
+        team = fastlstm_team_size()
+        part = threadid()
+        for p in range(_bound(n_da, team, part, 1), _bound(n_da, team, part + 1, 1)):
+            n = min(width, G - p * width)
+            for k in range(rows):
+                memcpy(da_panels + (p * rows + k) * width, da + k * G + p * width,
+                       n * sizeof(floating))
+                for j in range(n, width):
+                    da_panels[(p * rows + k) * width + j] = 0
+        # x_t = x.T (D, rows) and h_t = h_prev.T (H, rows): row r of h_prev is h0 (first B
+        # rows) or y of the step before
+        begin = _bound(rows, team, part, 1)
+        end = _bound(rows, team, part + 1, 1)
+        for r in range(begin, end):
+            h_row = h0 + r * H if r < B else y + (r - B) * H
+            for k in range(D):
+                x_t[k * rows + r] = x[r * D + k]
+            for k in range(H):
+                h_t[k * rows + r] = h_row[k]
+        fastlstm_barrier_wait(&barrier, team)
+        begin = _bound(n_da, team, part, 1)
+        end = _bound(n_da, team, part + 1, 1)
+        _panel_products(x_t, D, rows, da_panels, dWx, G, begin, end)
+        _panel_products(h_t, H, rows, da_panels, dWh, G, begin, end)
+        for p in range(begin, end):
+            n = min(width, G - p * width)
+            for j in range(n):
+                db[p * width + j] = 0
+            for k in range(rows):
+                for j in range(n):
+                    db[p * width + j] += da_panels[(p * rows + k) * width + j]
+    if dx != NULL:
+        _pack_transposed(Wx, D, G, wx_panels, n_threads)
+        with parallel(num_threads=n_threads):
+            team = fastlstm_team_size()
+            part = threadid()
+            # by rows: D is often one or two panels wide
+            begin = _bound(rows, team, part, 1)
+            end = _bound(rows, team, part + 1, 1)
+            _panel_products(da + begin * G, end - begin, G, wx_panels, dx + begin * D, D, 0,
+                            n_dx)
+
+
 cdef void _weight_gradients(const floating *x, const floating *Wx, const floating *h0,
                             const floating *y, const floating *da, floating *dx, floating *dWx,
                             floating *dWh, floating *db, Py_ssize_t T, Py_ssize_t B,
-                            Py_ssize_t D, Py_ssize_t H, int n_threads) noexcept nogil:
-    """dx, dWx, dWh, db from all steps' da at once: dx split by rows (or by columns, see
-    `_split_columns`), the rest by columns.
+                            Py_ssize_t D, Py_ssize_t H, floating *scratch,
+                            int n_threads) noexcept nogil:
+    """dx, dWx, dWh, db from all steps' da at once (dx NULL: not needed), on the tiles when the
+    caller gave their scratch."""
+    if scratch != NULL:
+        _weight_gradients_tiled(x, Wx, h0, y, da, dx, dWx, dWh, db, T, B, D, H, scratch,
+                                n_threads)
+    else:
+        _weight_gradients_blas(x, Wx, h0, y, da, dx, dWx, dWh, db, T, B, D, H, n_threads)
+
+
+cdef void _weight_gradients_blas(const floating *x, const floating *Wx, const floating *h0,
+                                 const floating *y, const floating *da, floating *dx,
+                                 floating *dWx, floating *dWh, floating *db, Py_ssize_t T,
+                                 Py_ssize_t B, Py_ssize_t D, Py_ssize_t H,
+                                 int n_threads) noexcept nogil:
+    """`_weight_gradients` by BLAS: dx split by rows (or by columns, see `_split_columns`), the
+    rest by columns.
 
     On our threads with BLAS single-threaded, not as whole GEMMs on BLAS's own pool: OpenBLAS's
     threads spin after a call and then fight the next call's OpenMP threads for the cores
@@ -665,17 +822,25 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
              const floating[:, :, ::1] tanh_c, floating[:, :, ::1] da, floating[:, ::1] dh,
              floating[:, ::1] dc, floating[:, :, ::1] dx, floating[:, ::1] dWx,
              floating[:, ::1] dWh, floating[::1] db, const floating[::1] packed_t,
-             bint use_matvec, int n_threads):
+             bint use_matvec, int n_threads, floating[::1] gradients_scratch=None):
     """LSTM backward pass (BPTT) into preallocated arrays.
 
     Inputs: dy (T, B, H); from the forward call x, Wx, Wh, h0, c0, y, gates, c_all (T, B, H)
     and tanh_c (T, B, H). In/out: dh, dc (B, H): dh_T, dc_T on entry, dh0, dc0 on exit.
     Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D) or None
     (not computed), dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by
-    `pack_transposed_weights`. Caller holds BLAS to one thread.
+    `pack_transposed_weights`. gradients_scratch: `tiled_gradients_size` values, or None for
+    BLAS. Caller holds BLAS to one thread.
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = Wh.shape[0]
     cdef floating *dx_ptr = NULL if dx is None else &dx[0, 0, 0]
+    cdef floating *scratch = NULL
+    if gradients_scratch is not None:
+        if gradients_scratch.shape[0] < _tiled_gradients_size(T, B, D, H,
+                                                               2 * _units(<floating *>NULL)):
+            raise ValueError("gradients_scratch must have tiled_gradients_size(T, B, D, H) "
+                             "elements")
+        scratch = &gradients_scratch[0]
     with nogil:
         if use_matvec:
             _backward_matvec(&packed_t[0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
@@ -686,19 +851,11 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                             &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
                             T, B, H, n_threads)
         _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
-                          dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, n_threads)
+                          dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, scratch,
+                          n_threads)
 
 
 # ---- streaming step --------------------------------------------------------------------------
-
-cdef extern from "csrc/step_kernels.h" nogil:
-    void fastlstm_gemm_tile_f32(int mr, Py_ssize_t K, const float *a, Py_ssize_t lda,
-                                const float *panel, float *c_lo, Py_ssize_t n_lo, float *c_hi,
-                                Py_ssize_t n_hi, Py_ssize_t ldc, int accumulate)
-    void fastlstm_gemm_tile_f64(int mr, Py_ssize_t K, const double *a, Py_ssize_t lda,
-                                const double *panel, double *c_lo, Py_ssize_t n_lo,
-                                double *c_hi, Py_ssize_t n_hi, Py_ssize_t ldc, int accumulate)
-
 
 cdef void _step_blocks(const floating *packed, const floating *xh, floating *gates,
                        floating *c, floating *h, floating *tanh_c, Py_ssize_t B, Py_ssize_t K,

@@ -192,9 +192,11 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     packed_t = _scratch("transposed",
                         (_lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize),), x.dtype)
     _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
+    scratch_size = _lstm_cython.tiled_gradients_size(T, B, x.shape[2], Wh.shape[0], x.itemsize)
+    gradients_scratch = _scratch("gradients", (scratch_size,), x.dtype) if scratch_size else None
     with _threads.blas_threads(1):
         _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx, dWx,
-                              dWh, db, packed_t, matvec, n_threads)
+                              dWh, db, packed_t, matvec, n_threads, gradients_scratch)
     return dx, dh, dc, dWx, dWh, db
 
 
