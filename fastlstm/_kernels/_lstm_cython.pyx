@@ -624,11 +624,12 @@ cdef void _backward_batch(const floating *packed_t, const floating *c0, const fl
 
 
 # Most rows T·B whose weight gradients run on the register tiles rather than BLAS: OpenBLAS ran
-# these short products (K = T·B) at 40-70 GFLOP/s on one thread at S1 (T·B = 100). (Their
-# scratch comes from the caller: malloc'd per call, it was page-faulted in every time, and
-# T·B = 500 ran 25% slower than BLAS.)
+# these short products (K = T·B) at 40-70 GFLOP/s on one thread at S1 (T·B = 100). Longer ones
+# gain less for a scratch as large as da (forward+backward, 2 threads: S3, 1600 rows, 22.9 ->
+# 22.0 ms; S4, 6400 rows, 430 -> 418 ms with 80 MB more; S5 level). (The scratch comes from
+# the caller: malloc'd per call it was page-faulted in every time, T·B = 500 25% slower.)
 cdef enum:
-    TILED_GRADIENTS_MAX_ROWS = 512
+    TILED_GRADIENTS_MAX_ROWS = 2048
 
 
 cdef inline void _tile(int mr, Py_ssize_t K, const floating *a, Py_ssize_t lda,
