@@ -52,7 +52,7 @@ def min_rows_per_thread(request, monkeypatch):
     "shape",
     [(1, 1, 1, 1), (6, 1, 7, 13), (5, 3, 1, 17), (4, 2, 9, 1), (7, 5, 16, 33), (12, 1, 64, 128),
      (300, 2, 4, 6), (3, 5, 7, 200), (3, 12, 5, 19), (4, 14, 6, 37),
-     (520, 2, 5, 7)],  # T·B >= 1024: products over all rows split their rows on 2 threads too
+     (1030, 2, 5, 7)],  # T·B > 2048: the weight gradients on BLAS, products split by rows
     ids=lambda s: "T{}B{}D{}H{}".format(*s),
 )
 def test_kernels_match_reference(shape, dtype, simd, n_threads, min_rows_per_thread):
