@@ -1249,7 +1249,9 @@ PARALLEL_GEMM_MIN_FMA = 4_000_000
 
 #: Most rows T·B for which the weight gradients run on `_tile` rather than BLAS: OpenBLAS ran
 #: those products at 40-50 GFLOP/s on one thread for T·B = 100 (S1: dx 81, dWx 71, dWh 138 µs).
-TILED_GRADIENTS_MAX_ROWS = 512
+#: Backward, 2 threads, BLAS vs tiles, median ms: S1 0.537 vs 0.454, S2 2.15 vs 1.84, S3 (1600
+#: rows) 15.7 vs 14.3. Their scratch is as large as the gradient of the pre-activations.
+TILED_GRADIENTS_MAX_ROWS = 2048
 
 
 def _matmul(A, B, n_threads):
