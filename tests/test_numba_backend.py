@@ -18,7 +18,7 @@ if "numba" not in fastlstm.available_backends():
 from fastlstm._kernels import numba_backend as nb  # noqa: E402
 from fresh_python import run_python
 from lstm_data import as_float64, make_problem, make_upstream  # noqa: E402
-from test_backends import assert_matches_reference, reference  # noqa: E402
+from test_backends import assert_matches_reference, reference, run  # noqa: E402
 
 
 def run_in_fresh_process(code):
@@ -382,3 +382,15 @@ def test_saturated_inputs_give_no_nan(dtype):
     assert np.isfinite(y).all()
     for got, want in zip((y, h_T, c_T), ref):
         np.testing.assert_allclose(got, want, atol=1e-5 if dtype == np.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("max_rows", [0, 10**6], ids=["blas", "tiles"])
+def test_weight_gradients_on_blas_and_on_tiles(monkeypatch, max_rows, dtype, n_threads):
+    """Both ways to the weight gradients (BLAS past TILED_GRADIENTS_MAX_ROWS rows, the tiles up
+    to it), forced either way, against the reference."""
+    monkeypatch.setattr(nb, "TILED_GRADIENTS_MAX_ROWS", max_rows)
+    args = make_problem(30, 5, 7, 21, dtype, seed=4)
+    dy, dh_T, dc_T = make_upstream(30, 5, 21, dtype)
+    outputs, grads = run("numba", args, dy, dh_T, dc_T)
+    assert_matches_reference(outputs, grads, *reference(args, dy, dh_T, dc_T), dtype)
