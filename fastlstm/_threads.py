@@ -86,31 +86,41 @@ def _pool(lib):
     return lib
 
 
-_pools = []  # _pool() of every BLAS library of _controller
+_pools = {}  # library path -> _pool() of that library, for every BLAS library of _controller
 
 
 def _blas_pools():
+    """{library path: pool} of the BLAS libraries loaded now."""
     libs = _blas_controllers()
     with _lock:
         if not _pools:
-            _pools.extend(_pool(lib) for lib in libs)
+            _pools.update((lib.filepath, _pool(lib)) for lib in libs)
         return _pools
 
 
 _blocks_lock = threading.Lock()
 _blocks_active = 0  # blas_threads blocks running now, over every Python thread
 _blocks_limit = None  # the pools' thread count while blocks run
-_blocks_saved = []  # (pool, its thread count before the first block)
+_blocks_saved = {}  # library path -> (pool, its thread count before the first block)
 
 
 def _enter_block(n):
     global _blocks_active, _blocks_limit
+    pools = _blas_pools()
     with _blocks_lock:
         if _blocks_active == 0:
-            _blocks_saved[:] = [(pool, pool.get_num_threads()) for pool in _blas_pools()]
+            _blocks_saved.clear()
             _blocks_limit = None
+        # Libraries loaded while blocks run (a backend's first call from another thread) join
+        # at the current limit, and get their own setting back with the others.
+        for path, pool in pools.items():
+            if path not in _blocks_saved:
+                before = pool.get_num_threads()
+                _blocks_saved[path] = pool, before
+                if _blocks_limit is not None and before != _blocks_limit:
+                    pool.set_num_threads(_blocks_limit)
         if _blocks_limit is None or n < _blocks_limit:
-            for pool, before in _blocks_saved:
+            for pool, before in _blocks_saved.values():
                 if (before if _blocks_limit is None else _blocks_limit) != n:
                     pool.set_num_threads(n)
             _blocks_limit = n
@@ -122,7 +132,7 @@ def _exit_block():
     with _blocks_lock:
         _blocks_active -= 1
         if _blocks_active == 0:
-            for pool, before in _blocks_saved:
+            for pool, before in _blocks_saved.values():
                 if before != _blocks_limit:
                     pool.set_num_threads(before)
             _blocks_saved.clear()
@@ -137,7 +147,7 @@ class blas_threads:
     block restoring what it found, one thread's exit gave BLAS its whole pool in the middle of
     another thread's kernel: two Python threads ran S1 forward calls at 0.78x the rate of one.)
     Inside blocks the pools are fastlstm's: a count set by other code meanwhile is overwritten.
-    A class calling OpenBLAS directly: a call's two nested blocks cost 4.3 µs, where a generator
+    A class calling OpenBLAS directly: a call's two nested blocks cost 5.4 µs, where a generator
     through threadpoolctl's getters and setters took 7.4 µs.
     """
 

@@ -118,7 +118,7 @@ def test_blas_limits_of_overlapping_calls(monkeypatch):
             self.n = n
 
     pools = [Pool(4), Pool(3)]
-    monkeypatch.setattr(_threads, "_blas_pools", lambda: pools)
+    monkeypatch.setattr(_threads, "_blas_pools", lambda: {str(k): p for k, p in enumerate(pools)})
     counts = lambda: [pool.n for pool in pools]  # noqa: E731
     entered, release = threading.Event(), threading.Event()
 
@@ -142,7 +142,10 @@ def test_blas_limits_of_overlapping_calls(monkeypatch):
         assert counts() == [4, 3]
         with _threads.blas_threads(2):  # a new first block starts from the user's setting
             assert counts() == [2, 2]
-        assert counts() == [4, 3]
+            pools.append(Pool(5))  # a library loaded while a block runs joins at its limit
+            with _threads.blas_threads(2):
+                assert counts() == [2, 2, 2]
+        assert counts() == [4, 3, 5]
     finally:
         release.set()
         other.join(10)
