@@ -888,30 +888,21 @@ def _transpose_into(src, dst):
 
 
 @njit(**_JIT)
-def _pack_part(Wh, Wh_packed, lo, hi, transposed):
-    """Copy the columns of units lo..hi-1 (all four gates) into their packed block.
-
-    Plain: per V units u0 (V = VECTOR_BYTES / itemsize; lo is a multiple of V), a panel
-    (H, 4V) at u0·4H: panel[k, gate·V + j] = Wh[k, gate·H + u0 + j], 0 past hi, for
-    `_vecmat_gates`; Wh_packed holds ceil(H / V)·V·4H values. Transposed: block = that.T, (4n, H) contiguous: OpenBLAS computes
-    ``block @ h.T`` (the weights as its first operand) 1.1-1.7x faster than ``h @ Wh`` for
-    8-64 rows (1 thread, H = 256-512), a strided view of Wh.T no faster than ``h @ Wh``.
+def _pack_part(Wh, Wh_packed, lo, hi):
+    """Copy the columns of units lo..hi-1 (all four gates) into their panels for
+    `_vecmat_gates`: per V units u0 (V = VECTOR_BYTES / itemsize; lo is a multiple of V), a
+    panel (H, 4V) at u0·4H: panel[k, gate·V + j] = Wh[k, gate·H + u0 + j], 0 past hi.
+    Wh_packed holds ceil(H / V)·V·4H values.
     """
     H = Wh.shape[0]
-    n = hi - lo
-    if transposed:
-        block_t = Wh_packed[4 * H * lo:4 * H * hi].reshape(4 * n, H)
-        for gate in range(4):
-            _transpose_into(Wh[:, gate * H + lo:gate * H + hi], block_t[gate * n:(gate + 1) * n])
-    else:
-        V = VECTOR_BYTES // Wh.itemsize
-        for u in range(lo, hi, V):
-            nu = min(V, hi - u)
-            panel = Wh_packed[4 * H * u:4 * H * (u + V)].reshape(H, 4 * V)
-            for k in range(H):
-                for gate in range(4):
-                    panel[k, gate * V:gate * V + nu] = Wh[k, gate * H + u:gate * H + u + nu]
-                    panel[k, gate * V + nu:(gate + 1) * V] = 0
+    V = VECTOR_BYTES // Wh.itemsize
+    for u in range(lo, hi, V):
+        nu = min(V, hi - u)
+        panel = Wh_packed[4 * H * u:4 * H * (u + V)].reshape(H, 4 * V)
+        for k in range(H):
+            for gate in range(4):
+                panel[k, gate * V:gate * V + nu] = Wh[k, gate * H + u:gate * H + u + nu]
+                panel[k, gate * V + nu:(gate + 1) * V] = 0
 
 
 @njit(**_JIT)
@@ -925,8 +916,8 @@ def _largest_part(n_parts, H):
 
 
 @njit(**_JIT)
-def _forward_part(x_rows, Wx, Wh, b, use_matvec, Wh_packed, xproj, hs, cells, gates,
-                  tanh_cells, pre, step, part, n_parts):
+def _forward_part(x_rows, Wx, Wh, b, Wh_packed, xproj, hs, cells, gates, tanh_cells, pre,
+                  step, part, n_parts):
     """`part` of `step`: step 0 is a row range of xproj = x @ Wx and the part's packed Wh;
     step 1 + t is step t of every batch row for the part's hidden units. Either writes only
     that step's slots (gates and tanh_cells may be a 1-slot scratch when nothing reads them:
@@ -946,7 +937,7 @@ def _forward_part(x_rows, Wx, Wh, b, use_matvec, Wh_packed, xproj, hs, cells, ga
             rows = np.empty((r1 - r0, Wx.shape[1]), dtype=Wx.dtype)
             np.dot(x_rows[r0:r1], Wx, rows)
             xproj.reshape(M, xproj.shape[2])[r0:r1] = rows
-        _pack_part(Wh, Wh_packed, lo, hi, not use_matvec)
+        _pack_part(Wh, Wh_packed, lo, hi)
         return
     if n == 0:
         return
@@ -956,29 +947,19 @@ def _forward_part(x_rows, Wx, Wh, b, use_matvec, Wh_packed, xproj, hs, cells, ga
     V = VECTOR_BYTES // hs.itemsize
     stride = (n + V - 1) // V * V  # per gate in pre_part: whole vectors
     pre_part = pre[:B * 4 * stride].reshape(B, 4 * stride)
-    if use_matvec:
-        h_all = hs.reshape(-1)
-        pre_flat = pre[:B * 4 * stride]
-        for r in range(B):
-            for u in range(lo, hi, V):
-                _vecmat_gates(H, h_all, (t * B + r) * H, Wh_packed, 4 * H * u, pre_flat,
-                              r * 4 * stride + u - lo, stride)
-    else:
-        stride = n
-        pre_part = pre[:B * 4 * n].reshape(B, 4 * n)
-        # pre_part.T = Wh_part.T @ h_{t-1}.T, the faster operand order (see `_pack_part`).
-        Wh_part_t = Wh_packed[4 * H * lo:4 * H * hi].reshape(4 * n, H)
-        pre_part_t = pre[B * 4 * n:2 * B * 4 * n].reshape(4 * n, B)
-        np.dot(Wh_part_t, hs[t].T, pre_part_t)
-        _transpose_into(pre_part_t, pre_part)
+    h_all = hs.reshape(-1)
+    for r in range(B):
+        for u in range(lo, hi, V):
+            _vecmat_gates(H, h_all, (t * B + r) * H, Wh_packed, 4 * H * u, pre_part[r],
+                          u - lo, stride)
     for r in range(B):
         _cell_forward(pre_part[r], 0, stride, xproj[t, r], b, cells[t, r], lo, n,
                       gates[t % Tg, r], cells[t + 1, r], tanh_cells[t % Tg, r], hs[t + 1, r])
 
 
 @njit(parallel=True, **_JIT)
-def _forward_split_hidden(x_rows, Wx, b, Wh, use_matvec, n_parts, claims, done, patience,
-                          parts_done, Wh_packed, xproj, hs, cells, gates, tanh_cells):
+def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience, parts_done,
+                          Wh_packed, xproj, hs, cells, gates, tanh_cells):
     """The whole forward pass in one parallel region of claimed parts (see "Step barrier"):
     xproj = x @ Wx by row ranges, then the steps one after the other, each step's hidden units
     (for all batch rows) split into n_parts. One region, not two: under load a region waits
@@ -989,7 +970,7 @@ def _forward_split_hidden(x_rows, Wx, b, Wh, use_matvec, n_parts, claims, done, 
     H = hs.shape[2]
     n_max = _largest_part(n_parts, H)
     for first in prange(n_parts):
-        pre = np.empty(2 * B * 4 * (n_max + VECTOR_BYTES // xproj.itemsize), dtype=xproj.dtype)
+        pre = np.empty(B * 4 * (n_max + VECTOR_BYTES // xproj.itemsize), dtype=xproj.dtype)
         own_cycles = 0
         parts_done[first] = 0
         for step in range(1 + T):
@@ -997,7 +978,7 @@ def _forward_split_hidden(x_rows, Wx, b, Wh, use_matvec, n_parts, claims, done, 
                 part = (first + q) % n_parts
                 if _claim_part(claims, part, step):
                     start = _cycle_counter()
-                    _forward_part(x_rows, Wx, Wh, b, use_matvec, Wh_packed, xproj, hs, cells,
+                    _forward_part(x_rows, Wx, Wh, b, Wh_packed, xproj, hs, cells,
                                   gates, tanh_cells, pre, step, part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
@@ -1005,7 +986,7 @@ def _forward_split_hidden(x_rows, Wx, b, Wh, use_matvec, n_parts, claims, done, 
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
-                    _forward_part(x_rows, Wx, Wh, b, use_matvec, Wh_packed, xproj, hs, cells,
+                    _forward_part(x_rows, Wx, Wh, b, Wh_packed, xproj, hs, cells,
                                   gates, tanh_cells, pre, step, part, n_parts)
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
@@ -1105,8 +1086,7 @@ def _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, packed_t, use_matve
 
 
 @njit(**_JIT)
-def _backward_part(dy, gates, cells, tanh_cells, Wh, use_matvec, dgates, carry, dcs, work, k,
-                   part, n_parts):
+def _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, k, part, n_parts):
     """Phase k of every batch row for the hidden units of `part`; writes only phase k's slots.
 
     carry[k] = dL/dh_{T-1-k} (carry[0] = dL/dh_T), dcs[k] = dL/dc_{T-k}; both (T+1, B, H).
@@ -1117,15 +1097,8 @@ def _backward_part(dy, gates, cells, tanh_cells, Wh, use_matvec, dgates, carry, 
     if n == 0:
         return
     if k >= 1:
-        if use_matvec:
-            for r in range(B):
-                _matvec_rows(Wh, dgates[T - k, r], carry[k, r], lo, hi)
-        else:
-            # dh_part.T = Wh[lo:hi] @ da.T: the weights (a contiguous row block) as OpenBLAS's
-            # first operand, 1.6-2.4x faster than da @ Wh[lo:hi].T for 16-32 rows, H = 256.
-            dh_part_t = work[:B * n].reshape(n, B)
-            np.dot(Wh[lo:hi], dgates[T - k].T, dh_part_t)
-            _transpose_into(dh_part_t, carry[k, :, lo:hi])
+        for r in range(B):
+            _matvec_rows(Wh, dgates[T - k, r], carry[k, r], lo, hi)
     if k < T:
         t = T - 1 - k
         for r in range(B):
@@ -1134,8 +1107,8 @@ def _backward_part(dy, gates, cells, tanh_cells, Wh, use_matvec, dgates, carry, 
 
 
 @njit(parallel=True, **_JIT)
-def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, use_matvec, n_parts, claims, done,
-                           patience, parts_done, carry, dcs, dgates):
+def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, done, patience,
+                           parts_done, carry, dcs, dgates):
     """BPTT for all batch rows together; each phase's hidden units split into n_parts parts.
 
     Phase k (k = 0..T) does, for the part's units: dL/dh_{T-k} = da_{T-k} @ Wh.T
@@ -1144,10 +1117,8 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, use_matvec, n_parts
     carry, dcs: (T+1, B, H) with carry[0] = dL/dh_T, dcs[0] = dL/dc_T; on return
     carry[T] = dL/dh0 and dcs[T] = dL/dc0. parts_done as in `_forward_split_hidden`.
     """
-    T, B, H = dy.shape
-    n_max = _largest_part(n_parts, H)
+    T = dy.shape[0]
     for first in prange(n_parts):
-        work = np.empty(B * n_max, dtype=dy.dtype)
         own_cycles = 0
         parts_done[first] = 0
         for step in range(T + 1):
@@ -1155,16 +1126,16 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, use_matvec, n_parts
                 part = (first + q) % n_parts
                 if _claim_part(claims, part, step):
                     start = _cycle_counter()
-                    _backward_part(dy, gates, cells, tanh_cells, Wh, use_matvec, dgates, carry,
-                                   dcs, work, step, part, n_parts)
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, step,
+                                   part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
-                    _backward_part(dy, gates, cells, tanh_cells, Wh, use_matvec, dgates, carry,
-                                   dcs, work, step, part, n_parts)
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, step,
+                                   part, n_parts)
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
 
@@ -1173,7 +1144,7 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, use_matvec, n_parts
 # Planning: which kernel for which shape (measured, see the module docstring)
 # --------------------------------------------------------------------------------------------
 
-#: Splitting the hidden units across threads (and the packed, transposed recurrent product)
+#: Splitting the hidden units of one row across threads (each with its share of Wh packed)
 #: pays from this H on. Below it a step is ~1 µs, not much more than the cross-core hand-over
 #: of h_{t-1}, and batch rows split over threads need no per-step sync at all.
 SPLIT_HIDDEN_MIN_H = 128
@@ -1353,7 +1324,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     with blas_threads(1), _numba_threads(plan.n_threads):
         if split:
             parts_done = np.empty(plan.n_workers, np.int64)
-            _forward_split_hidden(x_rows, Wx, b, Wh, plan.use_matvec, plan.n_workers,
+            _forward_split_hidden(x_rows, Wx, b, Wh, plan.n_workers,
                                   *_new_sync(1 + T, plan.n_workers), PATIENCE_CYCLES,
                                   parts_done, packed, xproj, hs, cells, gates, tanh_cells)
             _note_partner(parts_done, plan)
@@ -1391,8 +1362,7 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
             parts_done = np.empty(plan.n_workers, np.int64)
             carry[0] = dh_T
             dcs[0] = dc_T
-            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, plan.use_matvec,
-                                   plan.n_workers, *_new_sync(T + 1, plan.n_workers),
+            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, plan.n_workers, *_new_sync(T + 1, plan.n_workers),
                                    PATIENCE_CYCLES, parts_done, carry, dcs, dgates)
             _note_partner(parts_done, plan)
             dh, dc = carry[T].copy(), dcs[T].copy()
