@@ -291,6 +291,54 @@ def _tile_rows():
 TILE_ROWS = _tile_rows()
 
 
+class _VectorIR:
+    """LLVM IR for the intrinsics below, on vectors of VECTOR_BYTES of one float type: element
+    pointers of array arguments, vector loads and stores at element indices, splats and fused
+    multiply-adds."""
+
+    def __init__(self, context, builder, dtype):
+        self.context, self.builder = context, builder
+        scalar = context.get_value_type(dtype)
+        self.itemsize = context.get_abi_sizeof(scalar)
+        self.width = VECTOR_BYTES // self.itemsize
+        self.vec = ir.VectorType(scalar, self.width)
+        self.intp = context.get_value_type(types.intp)
+        self.zero = ir.Constant(self.vec, [ir.Constant(scalar, 0.0)] * self.width)
+        self._undef = ir.Constant(self.vec, ir.Undefined)
+        self._splat = ir.Constant(ir.VectorType(ir.IntType(32), self.width), [0] * self.width)
+        self._fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vec, [self.vec] * 3),
+            f"llvm.fma.v{self.width}f{8 * self.itemsize}")
+
+    def const(self, value):
+        return ir.Constant(self.intp, value)
+
+    def data(self, array_type, array):
+        return self.context.make_array(array_type)(self.context, self.builder, array).data
+
+    def _at(self, ptr, index):
+        return self.builder.bitcast(self.builder.gep(ptr, [index]), self.vec.as_pointer())
+
+    def load(self, ptr, index):
+        return self.builder.load(self._at(ptr, index), align=self.itemsize)
+
+    def store(self, value, ptr, index):
+        self.builder.store(value, self._at(ptr, index), align=self.itemsize)
+
+    def broadcast(self, ptr, index):
+        """The element at ptr[index] in every lane."""
+        value = self.builder.load(self.builder.gep(ptr, [index]))
+        value = self.builder.insert_element(self._undef, value, ir.Constant(ir.IntType(32), 0))
+        return self.builder.shuffle_vector(value, self._undef, self._splat)
+
+    def accumulate(self, acc, a, b):
+        """acc (an entry-block slot, promoted to a register by mem2reg) += a · b, fused."""
+        self.builder.store(self.builder.call(self._fma, [a, b, self.builder.load(acc)]), acc)
+
+    def accumulators(self, count):
+        return [cgutils.alloca_once_value(self.builder, self.zero) for _ in range(count)]
+
+
 def _make_tile(rows):
     """An intrinsic ``tile(K, a, a_off, lda, panel, p_off, c, c_off, c_hi, ldc)`` for `rows`
     rows: with s[r, j] = Σ_{k < K} a[a_off + r·lda + k] · panel[p_off + k·2V + j] (j < 2V),
@@ -308,46 +356,25 @@ def _make_tile(rows):
 
         def codegen(context, builder, signature, args):
             K, a, a_off, lda, panel, p_off, c, c_off, c_hi, ldc = args
-            scalar = context.get_value_type(signature.args[1].dtype)
-            itemsize = context.get_abi_sizeof(scalar)
-            width = VECTOR_BYTES // itemsize
-            vec = ir.VectorType(scalar, width)
-            intp = context.get_value_type(types.intp)
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vec, [vec] * 3),
-                f"llvm.fma.v{width}f{8 * itemsize}")
-            a_ptr = context.make_array(signature.args[1])(context, builder, a).data
-            p_ptr = context.make_array(signature.args[4])(context, builder, panel).data
-            c_ptr = context.make_array(signature.args[6])(context, builder, c).data
-            zero = ir.Constant(vec, [ir.Constant(scalar, 0.0)] * width)
-            undef = ir.Constant(vec, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
-            # Entry-block slots, promoted to registers by LLVM's mem2reg.
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2 * rows)]
-            a_rows = [builder.add(a_off, builder.mul(ir.Constant(intp, r), lda))
-                      for r in range(rows)]
-
-            def vector_at(ptr, index):
-                return builder.bitcast(builder.gep(ptr, [index]), vec.as_pointer())
-
+            v = _VectorIR(context, builder, signature.args[1].dtype)
+            a_ptr = v.data(signature.args[1], a)
+            p_ptr = v.data(signature.args[4], panel)
+            c_ptr = v.data(signature.args[6], c)
+            accs = v.accumulators(2 * rows)
+            a_rows = [builder.add(a_off, builder.mul(v.const(r), lda)) for r in range(rows)]
             with cgutils.for_range(builder, K) as loop:
                 k = loop.index
-                at = builder.add(p_off, builder.mul(k, ir.Constant(intp, 2 * width)))
-                w_lo = builder.load(vector_at(p_ptr, at), align=itemsize)
-                w_hi = builder.load(vector_at(p_ptr, builder.add(at, ir.Constant(intp, width))),
-                                    align=itemsize)
+                at = builder.add(p_off, builder.mul(k, v.const(2 * v.width)))
+                w_lo = v.load(p_ptr, at)
+                w_hi = v.load(p_ptr, builder.add(at, v.const(v.width)))
                 for r in range(rows):
-                    s = builder.load(builder.gep(a_ptr, [builder.add(a_rows[r], k)]))
-                    s = builder.shuffle_vector(
-                        builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)),
-                        undef, splat)
-                    for acc, w in ((accs[2 * r], w_lo), (accs[2 * r + 1], w_hi)):
-                        builder.store(builder.call(fma, [s, w, builder.load(acc)]), acc)
+                    s = v.broadcast(a_ptr, builder.add(a_rows[r], k))
+                    v.accumulate(accs[2 * r], s, w_lo)
+                    v.accumulate(accs[2 * r + 1], s, w_hi)
             for r in range(rows):
-                at = builder.add(c_off, builder.mul(ir.Constant(intp, r), ldc))
-                builder.store(builder.load(accs[2 * r]), vector_at(c_ptr, at), align=itemsize)
-                builder.store(builder.load(accs[2 * r + 1]),
-                              vector_at(c_ptr, builder.add(at, c_hi)), align=itemsize)
+                at = builder.add(c_off, builder.mul(v.const(r), ldc))
+                v.store(builder.load(accs[2 * r]), c_ptr, at)
+                v.store(builder.load(accs[2 * r + 1]), c_ptr, builder.add(at, c_hi))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -392,56 +419,33 @@ def _make_vecmat(vectors):
                          types.intp)
 
         def codegen(context, builder, signature, args):
-            K, v, v_off, panel, p_off, out, o_off, o_stride = args
-            scalar = context.get_value_type(signature.args[1].dtype)
-            itemsize = context.get_abi_sizeof(scalar)
-            width = VECTOR_BYTES // itemsize
-            vec = ir.VectorType(scalar, width)
-            intp = context.get_value_type(types.intp)
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vec, [vec] * 3),
-                f"llvm.fma.v{width}f{8 * itemsize}")
-            v_ptr = context.make_array(signature.args[1])(context, builder, v).data
-            p_ptr = context.make_array(signature.args[3])(context, builder, panel).data
-            o_ptr = context.make_array(signature.args[5])(context, builder, out).data
-            zero = ir.Constant(vec, [ir.Constant(scalar, 0.0)] * width)
-            undef = ir.Constant(vec, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
-            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(vectors)]
-                    for _ in range(unroll)]
-
-            def const(value):
-                return ir.Constant(intp, value)
-
-            def vector_at(ptr, index):
-                return builder.bitcast(builder.gep(ptr, [index]), vec.as_pointer())
+            K, row, v_off, panel, p_off, out, o_off, o_stride = args
+            v = _VectorIR(context, builder, signature.args[1].dtype)
+            r_ptr = v.data(signature.args[1], row)
+            p_ptr = v.data(signature.args[3], panel)
+            o_ptr = v.data(signature.args[5], out)
+            accs = [v.accumulators(vectors) for _ in range(unroll)]
 
             def step(k, chain):
-                s = builder.load(builder.gep(v_ptr, [builder.add(v_off, k)]))
-                s = builder.shuffle_vector(
-                    builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef,
-                    splat)
-                row = builder.add(p_off, builder.mul(k, const(vectors * width)))
+                s = v.broadcast(r_ptr, builder.add(v_off, k))
+                at = builder.add(p_off, builder.mul(k, v.const(vectors * v.width)))
                 for q in range(vectors):
-                    w = builder.load(vector_at(p_ptr, builder.add(row, const(q * width))),
-                                     align=itemsize)
-                    acc = accs[chain][q]
-                    builder.store(builder.call(fma, [s, w, builder.load(acc)]), acc)
+                    v.accumulate(accs[chain][q], s,
+                                 v.load(p_ptr, builder.add(at, v.const(q * v.width))))
 
-            blocks = builder.sdiv(K, const(unroll))
+            blocks = builder.sdiv(K, v.const(unroll))
             with cgutils.for_range(builder, blocks) as loop:
-                k0 = builder.mul(loop.index, const(unroll))
+                k0 = builder.mul(loop.index, v.const(unroll))
                 for chain in range(unroll):
-                    step(builder.add(k0, const(chain)), chain)
-            with cgutils.for_range_slice(builder, builder.mul(blocks, const(unroll)), K,
-                                         const(1)) as (k, _):
+                    step(builder.add(k0, v.const(chain)), chain)
+            with cgutils.for_range_slice(builder, builder.mul(blocks, v.const(unroll)), K,
+                                         v.const(1)) as (k, _):
                 step(k, 0)
             for q in range(vectors):
                 total = builder.load(accs[0][q])
                 for chain in range(1, unroll):
                     total = builder.fadd(total, builder.load(accs[chain][q]))
-                at = builder.add(o_off, builder.mul(const(q), o_stride))
-                builder.store(total, vector_at(o_ptr, at), align=itemsize)
+                v.store(total, o_ptr, builder.add(o_off, builder.mul(v.const(q), o_stride)))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -582,41 +586,19 @@ def _matvec_rows(W, vec, out, lo, hi):
 
 
 @njit(**_JIT)
-def _cell_forward(pre, pre_base, pre_stride, xproj_row, b, c_prev, j0, n,
-                  gates_row, c_row, tanh_c_row, h_row):
-    """Gate update for hidden units j0 .. j0+n-1 of one batch row.
-
-    Pre-activations are ``a[gate, j] = pre[pre_base + gate*pre_stride + j - j0]
-    + xproj_row[gate*H + j] + b[gate*H + j]`` (``pre`` holds h_{t-1} @ Wh, natural or packed).
-    Writes the activated gates (natural layout i, f, o, g), c_t, tanh(c_t) and h_t.
-    """
+def _cell_forward(pre, stride, xproj_row, b, c_prev, j0, n, gates_row, c_row, tanh_c_row,
+                  h_row):
+    """Gate update for hidden units j0 .. j0+n-1 of one batch row, `_cell_update` of the
+    pre-activations ``a[gate, j] = pre[gate*stride + j - j0] + xproj_row[gate*H + j] +
+    b[gate*H + j]`` (``pre`` holds h_{t-1} @ Wh, and receives a)."""
     H = c_prev.shape[0]
-    pre_i = pre[pre_base:pre_base + n]
-    pre_f = pre[pre_base + pre_stride:pre_base + pre_stride + n]
-    pre_o = pre[pre_base + 2 * pre_stride:pre_base + 2 * pre_stride + n]
-    pre_g = pre[pre_base + 3 * pre_stride:pre_base + 3 * pre_stride + n]
-    x_i, x_f = xproj_row[j0:j0 + n], xproj_row[H + j0:H + j0 + n]
-    x_o, x_g = xproj_row[2 * H + j0:2 * H + j0 + n], xproj_row[3 * H + j0:3 * H + j0 + n]
-    b_i, b_f = b[j0:j0 + n], b[H + j0:H + j0 + n]
-    b_o, b_g = b[2 * H + j0:2 * H + j0 + n], b[3 * H + j0:3 * H + j0 + n]
-    out_i, out_f = gates_row[j0:j0 + n], gates_row[H + j0:H + j0 + n]
-    out_o, out_g = gates_row[2 * H + j0:2 * H + j0 + n], gates_row[3 * H + j0:3 * H + j0 + n]
-    c_old, c_out = c_prev[j0:j0 + n], c_row[j0:j0 + n]
-    tanh_c_out, h_out = tanh_c_row[j0:j0 + n], h_row[j0:j0 + n]
-    for u in range(n):
-        i = sigmoid_act(pre_i[u] + x_i[u] + b_i[u])
-        f = sigmoid_act(pre_f[u] + x_f[u] + b_f[u])
-        o = sigmoid_act(pre_o[u] + x_o[u] + b_o[u])
-        g = tanh_act(pre_g[u] + x_g[u] + b_g[u])
-        c = f * c_old[u] + i * g
-        tanh_c = tanh_act(c)
-        out_i[u] = i
-        out_f[u] = f
-        out_o[u] = o
-        out_g[u] = g
-        c_out[u] = c
-        tanh_c_out[u] = tanh_c
-        h_out[u] = o * tanh_c
+    for gate in range(4):
+        a = pre[gate * stride:gate * stride + n]
+        x_part = xproj_row[gate * H + j0:gate * H + j0 + n]
+        b_part = b[gate * H + j0:gate * H + j0 + n]
+        for u in range(n):
+            a[u] = a[u] + x_part[u] + b_part[u]
+    _cell_update(pre, stride, j0, n, c_prev, gates_row, c_row, tanh_c_row, h_row)
 
 
 @njit(**_JIT)
@@ -637,34 +619,37 @@ def _forward_rows(xproj, b, Wh, r0, r1, hs, cells, gates, tanh_cells):
         for r in range(r0, r1):
             _matvec_columns(hs[t, r], Wh, pre[r - r0], 0, 4 * H)
         for r in range(r0, r1):
-            _cell_forward(pre[r - r0], 0, H, xproj[t, r], b, cells[t % Tc, r], 0, H,
+            _cell_forward(pre[r - r0], H, xproj[t, r], b, cells[t % Tc, r], 0, H,
                           gates[t % Tg, r], cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
                           hs[t + 1, r])
 
 
 @njit(**_JIT)
-def _cell_update(pre, stride, c_prev, gates_row, c_row, tanh_c_row, h_row):
-    """Gate update of one row from its pre-activations a[gate, j] = pre[gate·stride + j]
-    (j < H). Writes the activated gates (natural layout i, f, o, g), c_t, tanh(c_t) and h_t."""
+def _cell_update(pre, stride, j0, n, c_prev, gates_row, c_row, tanh_c_row, h_row):
+    """Gate update for hidden units j0 .. j0+n-1 of one row from their pre-activations
+    a[gate, j] = pre[gate·stride + j - j0]. Writes the activated gates (natural layout i, f, o,
+    g), c_t, tanh(c_t) and h_t."""
     H = c_prev.shape[0]
-    a_i, a_f = pre[:H], pre[stride:stride + H]
-    a_o, a_g = pre[2 * stride:2 * stride + H], pre[3 * stride:3 * stride + H]
-    out_i, out_f = gates_row[:H], gates_row[H:2 * H]
-    out_o, out_g = gates_row[2 * H:3 * H], gates_row[3 * H:4 * H]
-    for u in range(H):
+    a_i, a_f = pre[:n], pre[stride:stride + n]
+    a_o, a_g = pre[2 * stride:2 * stride + n], pre[3 * stride:3 * stride + n]
+    out_i, out_f = gates_row[j0:j0 + n], gates_row[H + j0:H + j0 + n]
+    out_o, out_g = gates_row[2 * H + j0:2 * H + j0 + n], gates_row[3 * H + j0:3 * H + j0 + n]
+    c_old, c_out = c_prev[j0:j0 + n], c_row[j0:j0 + n]
+    tanh_c_out, h_out = tanh_c_row[j0:j0 + n], h_row[j0:j0 + n]
+    for u in range(n):
         i = sigmoid_act(a_i[u])
         f = sigmoid_act(a_f[u])
         o = sigmoid_act(a_o[u])
         g = tanh_act(a_g[u])
-        c = f * c_prev[u] + i * g
+        c = f * c_old[u] + i * g
         tanh_c = tanh_act(c)
         out_i[u] = i
         out_f[u] = f
         out_o[u] = o
         out_g[u] = g
-        c_row[u] = c
-        tanh_c_row[u] = tanh_c
-        h_row[u] = o * tanh_c
+        c_out[u] = c
+        tanh_c_out[u] = tanh_c
+        h_out[u] = o * tanh_c
 
 
 @njit(**_JIT)
@@ -707,7 +692,7 @@ def _forward_rows_tiled(x, packed, r0, r1, hs, cells, gates, tanh_cells):
                 r += mr
         for r in range(rows):
             row = r0 + r
-            _cell_update(pre[r * 4 * Hp:(r + 1) * 4 * Hp], Hp, cells[t % Tc, row],
+            _cell_update(pre[r * 4 * Hp:(r + 1) * 4 * Hp], Hp, 0, H, cells[t % Tc, row],
                          gates[t % Tg, row], cells[(t + 1) % Tc, row], tanh_cells[t % Tg, row],
                          hs[t + 1, row])
 
@@ -953,7 +938,7 @@ def _forward_part(x_rows, Wx, Wh, b, Wh_packed, xproj, hs, cells, gates, tanh_ce
             _vecmat_gates(H, h_all, (t * B + r) * H, Wh_packed, 4 * H * u, pre_part[r],
                           u - lo, stride)
     for r in range(B):
-        _cell_forward(pre_part[r], 0, stride, xproj[t, r], b, cells[t, r], lo, n,
+        _cell_forward(pre_part[r], stride, xproj[t, r], b, cells[t, r], lo, n,
                       gates[t % Tg, r], cells[t + 1, r], tanh_cells[t % Tg, r], hs[t + 1, r])
 
 
