@@ -7,13 +7,13 @@ holds BLAS to one thread while the kernels' own threads run (they call BLAS on t
 the work, DESIGN.md §6) and calls `_lstm_cython`.
 """
 
-import threading
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import _threads
 from .._backends import Backend, state_at_lengths
+from .._scratch import scratch
 from .._step import StepKernel
 from . import _lstm_cython
 
@@ -32,33 +32,6 @@ MIN_ROWS_PER_THREAD = 4
 #: fresh array above glibc's mmap threshold (32 MiB) is page-faulted in at every call (84 MB:
 #: 6.3 ms). (The batch loop keeps no such array: it multiplies x_t within each step.)
 INFERENCE_GATES_BYTES = 16 << 20
-
-
-#: Largest scratch array (bytes) a thread keeps for its next call; see `_scratch`.
-SCRATCH_KEEP_BYTES = 128 << 20
-
-_thread_scratch = threading.local()
-
-
-def _scratch(name, shape, dtype):
-    """An uninitialised array for a kernel's scratch (packed weights, da), reused by this thread's
-    next call when it asks for the same name, shape and dtype.
-
-    Fresh arrays cost page faults: glibc gives freed blocks back to the system and the next call
-    faults them in again, one page at a time. A forward+backward call at S1 faulted 348 pages
-    (0.7 ms of kernel time, more than half the call), at S3 4000 (12 ms of CPU time). Each thread
-    keeps one array per name (at most SCRATCH_KEEP_BYTES), so calls from several Python threads
-    never share scratch.
-    """
-    kept = getattr(_thread_scratch, "arrays", None)
-    if kept is None:
-        kept = _thread_scratch.arrays = {}
-    array = kept.get(name)
-    if array is None or array.shape != shape or array.dtype != dtype:
-        array = np.empty(shape, dtype)
-        if array.nbytes <= SCRATCH_KEEP_BYTES:
-            kept[name] = array
-    return array
 
 
 def use_matvec(B, n_threads):
@@ -137,11 +110,12 @@ def _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, leng
     S5 291 vs 300 ms, S3 level. (``gates`` None: no history, a one-step scratch.)"""
     T, B, D = x.shape
     H = Wh.shape[0]
-    packed = _scratch("stacked", (_lstm_cython.packed_size(D + H + 1, H, x.itemsize),), x.dtype)
+    packed = scratch("cython/stacked", (_lstm_cython.packed_size(D + H + 1, H, x.itemsize),),
+                     x.dtype)
     _lstm_cython.pack_stacked_weights(Wx, Wh, b, packed, n_threads)
-    xh = _scratch("xh", (B, D + H + 1), x.dtype)
+    xh = scratch("cython/xh", (B, D + H + 1), x.dtype)
     if gates is None:
-        gates = _scratch("gates", (1, B, 4 * H), x.dtype)
+        gates = scratch("cython/gates", (1, B, 4 * H), x.dtype)
     _lstm_cython.forward_stacked(x, packed, h0, c0, xh, gates, y, c_store, tanh_c, n_threads,
                                  None if c_last is None else lengths - 1, c_last)
 
@@ -157,8 +131,8 @@ def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates
     if packed is not None and packed.Wh is Wh and packed.units == units:
         packed_array = packed.packed
     else:
-        packed_array = _scratch("recurrent", (_lstm_cython.packed_size(H, H, x.itemsize),),
-                                x.dtype)
+        packed_array = scratch("cython/recurrent",
+                               (_lstm_cython.packed_size(H, H, x.itemsize),), x.dtype)
         _lstm_cython.pack_recurrent_weights(Wh, packed_array, n_threads)
     if gates is not None:
         with _threads.blas_threads(1):
@@ -166,7 +140,7 @@ def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates
                                  n_threads)
         return
     chunk = max(1, min(T, INFERENCE_GATES_BYTES // (B * 4 * H * x.itemsize)))
-    gates = _scratch("gates", (chunk, B, 4 * H), x.dtype)
+    gates = scratch("cython/gates", (chunk, B, 4 * H), x.dtype)
     with _threads.blas_threads(1):
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
@@ -181,7 +155,7 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     """Backend backward: see `fastlstm._backends.Backend`."""
     x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c = cache
     T, B, _ = x.shape
-    da = _scratch("da", gates.shape, gates.dtype)
+    da = scratch("cython/da", gates.shape, gates.dtype)
     dh = dh_T.copy()
     dc = dc_T.copy()
     dx = np.empty_like(x) if need_dx else None
@@ -189,11 +163,12 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     dWh = np.empty_like(Wh)
     db = np.empty(Wh.shape[1], x.dtype)
     matvec = use_matvec(B, n_threads)
-    packed_t = _scratch("transposed",
+    packed_t = scratch("cython/transposed",
                         (_lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize),), x.dtype)
     _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
     scratch_size = _lstm_cython.tiled_gradients_size(T, B, x.shape[2], Wh.shape[0], x.itemsize)
-    gradients_scratch = _scratch("gradients", (scratch_size,), x.dtype) if scratch_size else None
+    gradients_scratch = (scratch("cython/gradients", (scratch_size,), x.dtype) if scratch_size
+                         else None)
     with _threads.blas_threads(1):
         _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx, dWx,
                               dWh, db, packed_t, matvec, n_threads, gradients_scratch)

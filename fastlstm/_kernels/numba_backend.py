@@ -41,6 +41,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .._backends import Backend
+from .._scratch import scratch
 from .._threads import blas_threads
 
 # --------------------------------------------------------------------------------------------
@@ -767,24 +768,33 @@ def _product_panels(a, panels, K, out, p_lo, p_hi, tile):
             r += mr
 
 
+def _tiled_gradients_size(M, D, H, itemsize):
+    """Scratch values of `_weight_gradients_tiled` for M rows: da in panels, x.T, h_prev.T and
+    Wx.T in panels."""
+    width = 2 * (VECTOR_BYTES // itemsize)
+    G = 4 * H
+    return (G + width - 1) // width * M * width + (D + H) * M + (D + width - 1) // width * G * width
+
+
 @njit(parallel=True, **_JIT)
 def _weight_gradients_tiled(dgates, x_rows, h_rows, Wx, need_dx, n_parts, dx_rows, dWx, dWh,
-                            db):
+                            db, scratch):
     """dx = dgates @ Wx.T, dWx = x.T @ dgates, dWh = h_prev.T @ dgates, db = dgates.sum(0) by
     `_tile` (for few rows M = T·B, where BLAS runs these products at half its peak).
 
     dgates (M, 4H), x_rows (M, D), h_rows (M, H): every step's rows. The products' panels
-    (dgates by columns, Wx.T by blocks of its columns) are packed by n_parts threads, then
-    each thread computes its share of every output's column panels.
+    (dgates by columns, Wx.T by blocks of its columns) are packed by n_parts threads into
+    scratch (`_tiled_gradients_size` values), then each thread computes its share of every
+    output's column panels.
     """
     M, G = dgates.shape
     D, H = x_rows.shape[1], h_rows.shape[1]
     width = 2 * (VECTOR_BYTES // dgates.itemsize)
     n_da, n_dx = (G + width - 1) // width, (D + width - 1) // width
-    da_panels = np.empty(n_da * M * width, dtype=dgates.dtype)
-    wx_panels = np.empty(n_dx * G * width if need_dx else 0, dtype=dgates.dtype)
-    x_t = np.empty((D, M), dtype=dgates.dtype)
-    h_t = np.empty((H, M), dtype=dgates.dtype)
+    da_panels = scratch[:n_da * M * width]
+    x_t = scratch[n_da * M * width:n_da * M * width + D * M].reshape(D, M)
+    h_t = scratch[n_da * M * width + D * M:n_da * M * width + (D + H) * M].reshape(H, M)
+    wx_panels = scratch[n_da * M * width + (D + H) * M:]
     for part in prange(n_parts):
         _pack_columns(dgates, da_panels, part * n_da // n_parts, (part + 1) * n_da // n_parts)
         if need_dx:
@@ -1347,7 +1357,8 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
             parts_done = np.empty(plan.n_workers, np.int64)
             carry[0] = dh_T
             dcs[0] = dc_T
-            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, plan.n_workers, *_new_sync(T + 1, plan.n_workers),
+            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, plan.n_workers,
+                                   *_new_sync(T + 1, plan.n_workers),
                                    PATIENCE_CYCLES, parts_done, carry, dcs, dgates)
             _note_partner(parts_done, plan)
             dh, dc = carry[T].copy(), dcs[T].copy()
@@ -1365,9 +1376,11 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
         dx = np.empty((T, B, D) if need_dx else (0, B, D), dy.dtype)
         dWx, dWh = np.empty((D, 4 * H), dy.dtype), np.empty((H, 4 * H), dy.dtype)
         db = np.empty(4 * H, dy.dtype)
+        gradients_scratch = scratch("numba/gradients",
+                                    (_tiled_gradients_size(T * B, D, H, dy.itemsize),), dy.dtype)
         with _numba_threads(n_threads):
             _weight_gradients_tiled(dgates_rows, x_rows, h_rows, Wx, need_dx, n_threads,
-                                    dx.reshape(-1, D), dWx, dWh, db)
+                                    dx.reshape(-1, D), dWx, dWh, db, gradients_scratch)
         return dx if need_dx else None, dh, dc, dWx, dWh, db
     with blas_threads(1), _numba_threads(n_threads):
         dx = _matmul(dgates_rows, Wx.T, n_threads).reshape(T, B, D) if need_dx else None
