@@ -1290,25 +1290,26 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     split = plan.mode == "split_hidden"
     # Per-step storage when cached; the split kernel needs step-unique cells as well, while
     # gates and tanh(c), which only the cache reads, can then be a 1-slot scratch. What the
-    # caller keeps (y = hs[1:], the cache) is one allocation, the scratch another. With
-    # lengths, every step's cell state too (the kernels index it modulo its length), from
-    # which each row's own last one is read.
+    # caller keeps (y = hs[1:], the cache) is one allocation; the rest is this thread's
+    # scratch. With lengths, every step's cell state too (the kernels index it modulo its
+    # length), from which each row's own last one is read.
     cells_shape = (T + 1 if need_cache or split or lengths is not None else 2, B, H)
     slots = T if need_cache else 1
     gates_shape, tanh_cells_shape = (slots, B, 4 * H), (slots, B, H)
     # The tiles read [Wx; Wh; b] packed; the other kernels the input projection and Wh packed.
     tiles = not split and not plan.use_matvec
     V = VECTOR_BYTES // dtype.itemsize
-    scratch_shapes = ((0, B, 4 * H), ((H + V - 1) // V * (D + H + 1) * 4 * V,)) if tiles else (
-        (T, B, 4 * H), ((H + V - 1) // V * V * 4 * H,))
+    xproj = scratch("numba/xproj", (0 if tiles else T, B, 4 * H), dtype)
+    blocks = (H + V - 1) // V  # of V hidden units: [Wx; Wh; b] in panels, or Wh in panels
+    packed = scratch("numba/packed", (blocks * V * 4 * (D + H + 1 if tiles else H),), dtype)
     if need_cache:
         hs, cells, gates, tanh_cells = _empty_arrays(dtype, (T + 1, B, H), cells_shape,
                                                      gates_shape, tanh_cells_shape)
-        xproj, packed = _empty_arrays(dtype, *scratch_shapes)
     else:
         hs = np.empty((T + 1, B, H), dtype)
-        xproj, packed, cells, gates, tanh_cells = _empty_arrays(
-            dtype, *scratch_shapes, cells_shape, gates_shape, tanh_cells_shape)
+        cells = scratch("numba/cells", cells_shape, dtype)
+        gates = scratch("numba/gates", gates_shape, dtype)
+        tanh_cells = scratch("numba/tanh_cells", tanh_cells_shape, dtype)
     hs[0] = h0
     cells[0] = c0
     x_rows = _writeable(x).reshape(T * B, D)
@@ -1351,7 +1352,9 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     plan = _plan(B, H, n_threads)
     split = plan.mode == "split_hidden"
     steps = T + 1 if split else 0
-    dgates, carry, dcs = _empty_arrays(dy.dtype, (T, B, 4 * H), (steps, B, H), (steps, B, H))
+    dgates = scratch("numba/dgates", (T, B, 4 * H), dy.dtype)
+    carry = scratch("numba/carry", (steps, B, H), dy.dtype)
+    dcs = scratch("numba/dcs", (steps, B, H), dy.dtype)
     with blas_threads(1), _numba_threads(plan.n_threads):
         if split:
             parts_done = np.empty(plan.n_workers, np.int64)
@@ -1366,8 +1369,8 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
             dh = dh_T.copy()
             dc = dc_T.copy()
             width = 2 * (VECTOR_BYTES // dy.itemsize)
-            packed_t = np.empty(0 if plan.use_matvec else (H + width - 1) // width * width * 4 * H,
-                                dy.dtype)
+            panels = 0 if plan.use_matvec else (H + width - 1) // width
+            packed_t = scratch("numba/packed_t", (panels * width * 4 * H,), dy.dtype)
             _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, packed_t, plan.use_matvec,
                                    plan.n_workers, dh, dc, dgates)
     dgates_rows = dgates.reshape(T * B, 4 * H)
