@@ -90,12 +90,13 @@ _pools = {}  # library path -> _pool() of that library, for every BLAS library o
 
 
 def _blas_pools():
-    """{library path: pool} of the BLAS libraries loaded now."""
+    """{library path: pool} of the BLAS libraries loaded now (a copy: a rescan may refill the
+    shared one while a caller iterates)."""
     libs = _blas_controllers()
     with _lock:
         if not _pools:
             _pools.update((lib.filepath, _pool(lib)) for lib in libs)
-        return _pools
+        return dict(_pools)
 
 
 _blocks_lock = threading.Lock()

@@ -722,6 +722,8 @@ cdef void _weight_gradients_tiled(const floating *x, const floating *Wx, const f
                 x_t[k * rows + r] = x[r * D + k]
             for k in range(H):
                 h_t[k * rows + r] = h_row[k]
+        # every thread's panels and transposes are in place; (a busy machine's advice to go on
+        # alone is not taken: these are the last products of the call)
         fastlstm_barrier_wait(&barrier, team)
         begin = _bound(n_da, team, part, 1)
         end = _bound(n_da, team, part + 1, 1)
