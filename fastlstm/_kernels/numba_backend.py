@@ -756,15 +756,19 @@ def _product_panels(a, panels, K, out, p_lo, p_hi, tile):
     `_pack_columns` lays them out), by `_tile`; tile: scratch of TILE_ROWS·2V values."""
     rows, N = out.shape
     width = 2 * (VECTOR_BYTES // out.itemsize)
-    a_flat = a.reshape(-1)
+    a_flat, out_flat = a.reshape(-1), out.reshape(-1)
     for p in range(p_lo, p_hi):
         n = min(width, N - p * width)
         r = 0
         while r < rows:
             mr = _next_tile_rows(rows - r)
-            _tile(mr, K, a_flat, r * K, K, panels, p * K * width, tile, 0, width // 2, width)
-            for i in range(mr):
-                out[r + i, p * width:p * width + n] = tile[i * width:i * width + n]
+            if n == width:  # straight into out
+                _tile(mr, K, a_flat, r * K, K, panels, p * K * width, out_flat,
+                      r * N + p * width, width // 2, N)
+            else:  # the last panel's vectors reach past N: through the scratch tile
+                _tile(mr, K, a_flat, r * K, K, panels, p * K * width, tile, 0, width // 2, width)
+                for i in range(mr):
+                    out[r + i, p * width:p * width + n] = tile[i * width:i * width + n]
             r += mr
 
 
@@ -809,14 +813,13 @@ def _weight_gradients_tiled(dgates, x_rows, h_rows, Wx, need_dx, n_parts, dx_row
         lo, hi = part * n_da // n_parts, (part + 1) * n_da // n_parts
         _product_panels(x_t, da_panels, M, dWx, lo, hi, tile)
         _product_panels(h_t, da_panels, M, dWh, lo, hi, tile)
-        for p in range(lo, hi):
-            n = min(width, G - p * width)
-            column_sums = db[p * width:p * width + n]
-            column_sums[:] = 0
-            for k in range(M):
-                panel_row = da_panels[(p * M + k) * width:(p * M + k) * width + n]
-                for j in range(n):
-                    column_sums[j] += panel_row[j]
+        c0, c1 = lo * width, min(G, hi * width)
+        column_sums = db[c0:c1]
+        column_sums[:] = 0
+        for k in range(M):
+            row = dgates[k, c0:c1]
+            for j in range(c1 - c0):
+                column_sums[j] += row[j]
         if need_dx:
             _product_panels(dgates, wx_panels, G, dx_rows, part * n_dx // n_parts,
                             (part + 1) * n_dx // n_parts, tile)
