@@ -4,7 +4,6 @@ import importlib.metadata
 import re
 
 import numpy as np
-import pytest
 
 import fastlstm
 from fresh_python import run_python

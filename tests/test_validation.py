@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastlstm
-from lstm_data import make_problem, make_upstream
+from lstm_data import make_problem
 
 T, B, D, H = 3, 2, 4, 5
 
