@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (loaded now so the BLAS thread control sees it)
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
@@ -283,7 +283,6 @@ def _tile_rows():
     if numba.config.CPU_NAME not in (None, "host"):
         return 2
     try:
-        from llvmlite import binding
         return 6 if binding.get_host_cpu_features().get("avx512f", False) else 2
     except Exception:  # no host feature query on this platform
         return 2
