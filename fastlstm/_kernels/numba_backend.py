@@ -29,6 +29,7 @@ after a call starved Numba's threads 13x (DESIGN.md §6). `n_threads` sets Numba
 the call. Results depend only on the inputs and the thread count, never on timing.
 """
 
+import math
 import os
 from typing import NamedTuple
 
@@ -453,8 +454,26 @@ def _make_vecmat(vectors):
     return vecmat
 
 
+@intrinsic
+def _copy_vector(typingctx, src, s_off, dst, d_off):
+    """dst[d_off:d_off + V] = src[s_off:s_off + V] as one vector load and store (a copy loop
+    over Numba arrays, which may alias, is not vectorised: packing Wh ran at 1.5 ns a value)."""
+    sig = types.void(src, types.intp, dst, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src, s_off, dst, d_off = args
+        v = _VectorIR(context, builder, signature.args[0].dtype)
+        v.store(v.load(v.data(signature.args[0], src), s_off), v.data(signature.args[2], dst),
+                d_off)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 #: One row times a panel of the four gates of V hidden units per k (the one-row forward step).
 _vecmat_gates = _make_vecmat(4)
+#: One row times a `_pack_transposed` panel of 2V hidden units per k (the one-row BPTT step).
+_vecmat_panel = _make_vecmat(2)
 
 
 @njit(**_JIT)
@@ -853,11 +872,11 @@ def _forward_batch_tiles(x, Wx, Wh, b, n_chunks, packed, hs, cells, gates, tanh_
 
 
 @njit(**_JIT)
-def _unit_range(part, n_parts, H):
-    """Hidden units lo..hi-1 of `part`: equal shares, starting at multiples of UNIT_ALIGN."""
-    n_groups = (H + UNIT_ALIGN - 1) // UNIT_ALIGN
-    lo = min(H, part * n_groups // n_parts * UNIT_ALIGN)
-    hi = min(H, (part + 1) * n_groups // n_parts * UNIT_ALIGN)
+def _unit_range(part, n_parts, H, align=UNIT_ALIGN):
+    """Hidden units lo..hi-1 of `part`: equal shares, starting at multiples of align."""
+    n_groups = (H + align - 1) // align
+    lo = min(H, part * n_groups // n_parts * align)
+    hi = min(H, (part + 1) * n_groups // n_parts * align)
     return lo, hi
 
 
@@ -893,13 +912,19 @@ def _pack_part(Wh, Wh_packed, lo, hi):
     """
     H = Wh.shape[0]
     V = VECTOR_BYTES // Wh.itemsize
+    W = Wh.reshape(-1)
     for u in range(lo, hi, V):
         nu = min(V, hi - u)
-        panel = Wh_packed[4 * H * u:4 * H * (u + V)].reshape(H, 4 * V)
+        if nu < V:
+            panel = Wh_packed[4 * H * u:4 * H * (u + V)].reshape(H, 4 * V)
+            for k in range(H):
+                for gate in range(4):
+                    panel[k, gate * V:gate * V + nu] = Wh[k, gate * H + u:gate * H + u + nu]
+                    panel[k, gate * V + nu:(gate + 1) * V] = 0
+            continue
         for k in range(H):
             for gate in range(4):
-                panel[k, gate * V:gate * V + nu] = Wh[k, gate * H + u:gate * H + u + nu]
-                panel[k, gate * V + nu:(gate + 1) * V] = 0
+                _copy_vector(W, k * 4 * H + gate * H + u, Wh_packed, 4 * H * u + (4 * k + gate) * V)
 
 
 @njit(**_JIT)
@@ -1083,19 +1108,30 @@ def _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, packed_t, use_matve
 
 
 @njit(**_JIT)
-def _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, k, part, n_parts):
-    """Phase k of every batch row for the hidden units of `part`; writes only phase k's slots.
+def _backward_part(dy, gates, cells, tanh_cells, Wh, packed_t, dh_panel, dgates, carry, dcs, k,
+                   part, n_parts):
+    """Phase k of every batch row for the hidden units of `part` (whole panels of
+    `_pack_transposed`); writes only phase k's slots, and in phase 0 the part's panels.
 
     carry[k] = dL/dh_{T-1-k} (carry[0] = dL/dh_T), dcs[k] = dL/dc_{T-k}; both (T+1, B, H).
+    dh_panel: scratch of one panel's 2V values.
     """
     T, B, H = dy.shape
-    lo, hi = _unit_range(part, n_parts, H)
+    G = 4 * H
+    width = 2 * (VECTOR_BYTES // dy.itemsize)
+    lo, hi = _unit_range(part, n_parts, H, width)
     n = hi - lo
     if n == 0:
         return
-    if k >= 1:
+    if k == 0:
+        _pack_transposed(Wh, packed_t, lo // width, (hi + width - 1) // width)
+    else:
+        da = dgates.reshape(-1)
         for r in range(B):
-            _matvec_rows(Wh, dgates[T - k, r], carry[k, r], lo, hi)
+            for j0 in range(lo, hi, width):
+                _vecmat_panel(G, da, ((T - k) * B + r) * G, packed_t, j0 * G, dh_panel, 0,
+                              width // 2)
+                carry[k, r, j0:min(hi, j0 + width)] = dh_panel[:min(hi, j0 + width) - j0]
     if k < T:
         t = T - 1 - k
         for r in range(B):
@@ -1104,8 +1140,8 @@ def _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, k, part
 
 
 @njit(parallel=True, **_JIT)
-def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, done, patience,
-                           parts_done, carry, dcs, dgates):
+def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, packed_t, n_parts, claims, done,
+                           patience, parts_done, carry, dcs, dgates):
     """BPTT for all batch rows together; each phase's hidden units split into n_parts parts.
 
     Phase k (k = 0..T) does, for the part's units: dL/dh_{T-k} = da_{T-k} @ Wh.T
@@ -1116,6 +1152,7 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, do
     """
     T = dy.shape[0]
     for first in prange(n_parts):
+        dh_panel = np.empty(2 * (VECTOR_BYTES // dy.itemsize), dtype=dy.dtype)
         own_cycles = 0
         parts_done[first] = 0
         for step in range(T + 1):
@@ -1123,16 +1160,16 @@ def _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, n_parts, claims, do
                 part = (first + q) % n_parts
                 if _claim_part(claims, part, step):
                     start = _cycle_counter()
-                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, step,
-                                   part, n_parts)
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, packed_t, dh_panel, dgates,
+                                   carry, dcs, step, part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
-                    _backward_part(dy, gates, cells, tanh_cells, Wh, dgates, carry, dcs, step,
-                                   part, n_parts)
+                    _backward_part(dy, gates, cells, tanh_cells, Wh, packed_t, dh_panel, dgates,
+                                   carry, dcs, step, part, n_parts)
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
 
@@ -1164,7 +1201,8 @@ _split_backoff = 0
 def _note_partner(parts_done, plan):
     """Start a back-off if the parts were not shared (see SPLIT_MIN_SHARE)."""
     global _split_backoff
-    if plan.n_threads > 1 and parts_done.min() < SPLIT_MIN_SHARE * parts_done.sum() / len(parts_done):
+    counts = parts_done.tolist()  # a few ints: Python's min and sum beat NumPy's reductions
+    if plan.n_threads > 1 and min(counts) < SPLIT_MIN_SHARE * sum(counts) / len(counts):
         _split_backoff = SPLIT_BACKOFF_CALLS
 
 
@@ -1249,8 +1287,10 @@ def _empty_arrays(dtype, *shapes):
     11 faults and 0.41 ms (NumPy asks for huge pages for large allocations).
     """
     align = max(1, 64 // np.dtype(dtype).itemsize)
-    sizes = [int(np.prod(shape)) for shape in shapes]
-    starts = np.cumsum([0] + [-(-size // align) * align for size in sizes])
+    sizes = [math.prod(shape) for shape in shapes]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + -(-size // align) * align)
     block = np.empty(starts[-1], dtype)
     return [block[start:start + size].reshape(shape)
             for start, size, shape in zip(starts, sizes, shapes)]
@@ -1357,12 +1397,16 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     dgates = scratch("numba/dgates", (T, B, 4 * H), dy.dtype)
     carry = scratch("numba/carry", (steps, B, H), dy.dtype)
     dcs = scratch("numba/dcs", (steps, B, H), dy.dtype)
+    # Wh.T in panels of 2V hidden units, for the split kernel and the tiles
+    width = 2 * (VECTOR_BYTES // dy.itemsize)
+    panels = 0 if plan.use_matvec and not split else (H + width - 1) // width
+    packed_t = scratch("numba/packed_t", (panels * width * 4 * H,), dy.dtype)
     with blas_threads(1), _numba_threads(plan.n_threads):
         if split:
             parts_done = np.empty(plan.n_workers, np.int64)
             carry[0] = dh_T
             dcs[0] = dc_T
-            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, plan.n_workers,
+            _backward_split_hidden(dy, gates, cells, tanh_cells, Wh, packed_t, plan.n_workers,
                                    *_new_sync(T + 1, plan.n_workers),
                                    PATIENCE_CYCLES, parts_done, carry, dcs, dgates)
             _note_partner(parts_done, plan)
@@ -1370,9 +1414,6 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
         else:
             dh = dh_T.copy()
             dc = dc_T.copy()
-            width = 2 * (VECTOR_BYTES // dy.itemsize)
-            panels = 0 if plan.use_matvec else (H + width - 1) // width
-            packed_t = scratch("numba/packed_t", (panels * width * 4 * H,), dy.dtype)
             _backward_batch_chunks(dy, gates, cells, tanh_cells, Wh, packed_t, plan.use_matvec,
                                    plan.n_workers, dh, dc, dgates)
     dgates_rows = dgates.reshape(T * B, 4 * H)
