@@ -122,22 +122,43 @@ def test_unit_ranges_cover_every_unit_once_aligned(H, n_parts):
     assert all(lo % nb.UNIT_ALIGN == 0 or lo == H for lo, _ in ranges)
 
 
+@pytest.mark.parametrize("gates_per_row", [4, 2])
+@pytest.mark.parametrize("K", [21, 13])
 @pytest.mark.parametrize("lo, hi", [(0, 21), (0, 16), (16, 21), (5, 5)])
-def test_pack_part_gathers_the_four_gate_ranges(lo, hi):
+def test_pack_part_gathers_the_four_gate_ranges(lo, hi, K, gates_per_row):
     H = 21
     V = nb.VECTOR_BYTES // 8  # float64 values per vector; parts start at multiples of it
-    Wh = np.random.default_rng(hi).standard_normal((H, 4 * H))
-    packed = np.full((H + V - 1) // V * V * 4 * H, 7.0)
-    nb._pack_part(Wh, packed, lo, hi)
-    for u in range(lo, hi, V):  # a panel (H, 4V) per V units, zero past hi
+    W = np.random.default_rng(hi).standard_normal((K, 4 * H))
+    packed = np.full((H + V - 1) // V * V * 4 * K, 7.0)
+    nb._pack_part(W, packed, lo, hi, gates_per_row)
+    run = gates_per_row * V
+    for u in range(lo, hi, V):  # per V units, 4 // gates_per_row panels (K, run), 0 past hi
         n = min(V, hi - u)
-        panel = packed[4 * H * u:4 * H * (u + V)].reshape(H, 4 * V)
+        panels = packed[4 * K * u:4 * K * (u + V)].reshape(4 // gates_per_row, K, run)
         for gate in range(4):
-            np.testing.assert_array_equal(panel[:, gate * V:gate * V + n],
-                                          Wh[:, gate * H + u:gate * H + u + n])
-            assert np.all(panel[:, gate * V + n:(gate + 1) * V] == 0)
+            columns = panels[gate // gates_per_row, :, gate % gates_per_row * V:][:, :V]
+            np.testing.assert_array_equal(columns[:, :n], W[:, gate * H + u:gate * H + u + n])
+            assert np.all(columns[:, n:] == 0)
     end = lo + (hi - lo + V - 1) // V * V
-    assert np.all(packed[:4 * H * lo] == 7.0) and np.all(packed[4 * H * end:] == 7.0)
+    assert np.all(packed[:4 * K * lo] == 7.0) and np.all(packed[4 * K * end:] == 7.0)
+
+
+def test_project_part_writes_its_units_columns():
+    """A part's columns of x @ Wx, gate by gate at a stride of whole vectors."""
+    M, D, H, lo, hi = 13, 5, 21, 16, 21
+    V = nb.VECTOR_BYTES // 8
+    rng = np.random.default_rng(4)
+    x, Wx = rng.standard_normal((M, D)), rng.standard_normal((D, 4 * H))
+    packed = np.zeros((H + V - 1) // V * V * 4 * D)
+    nb._pack_part(Wx, packed, lo, hi, 2)
+    Hs = -(-(hi - lo) // V) * V
+    out = np.full((M, 4 * Hs), np.nan)
+    nb._project_part(x, packed, lo, hi, out)
+    expected = x @ Wx
+    for gate in range(4):
+        np.testing.assert_allclose(out[:, gate * Hs:gate * Hs + hi - lo],
+                                   expected[:, gate * H + lo:gate * H + hi], rtol=1e-12)
+        assert np.all(out[:, gate * Hs + hi - lo:(gate + 1) * Hs] == 0)  # the zero padding
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 40), (17, 33), (16, 16)])

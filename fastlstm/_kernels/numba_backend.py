@@ -605,15 +605,15 @@ def _matvec_rows(W, vec, out, lo, hi):
 
 
 @njit(**_JIT)
-def _cell_forward(pre, stride, xproj_row, b, c_prev, j0, n, gates_row, c_row, tanh_c_row,
-                  h_row):
+def _cell_forward(pre, stride, xproj_row, x_off, x_stride, b, c_prev, j0, n, gates_row, c_row,
+                  tanh_c_row, h_row):
     """Gate update for hidden units j0 .. j0+n-1 of one batch row, `_cell_update` of the
-    pre-activations ``a[gate, j] = pre[gate*stride + j - j0] + xproj_row[gate*H + j] +
-    b[gate*H + j]`` (``pre`` holds h_{t-1} @ Wh, and receives a)."""
+    pre-activations ``a[gate, j] = pre[gate*stride + j - j0] + xproj_row[x_off + gate*x_stride
+    + j - j0] + b[gate*H + j]`` (``pre`` holds h_{t-1} @ Wh, and receives a)."""
     H = c_prev.shape[0]
     for gate in range(4):
         a = pre[gate * stride:gate * stride + n]
-        x_part = xproj_row[gate * H + j0:gate * H + j0 + n]
+        x_part = xproj_row[x_off + gate * x_stride:x_off + gate * x_stride + n]
         b_part = b[gate * H + j0:gate * H + j0 + n]
         for u in range(n):
             a[u] = a[u] + x_part[u] + b_part[u]
@@ -638,7 +638,7 @@ def _forward_rows(xproj, b, Wh, r0, r1, hs, cells, gates, tanh_cells):
         for r in range(r0, r1):
             _matvec_columns(hs[t, r], Wh, pre[r - r0], 0, 4 * H)
         for r in range(r0, r1):
-            _cell_forward(pre[r - r0], H, xproj[t, r], b, cells[t % Tc, r], 0, H,
+            _cell_forward(pre[r - r0], H, xproj[t, r], 0, H, b, cells[t % Tc, r], 0, H,
                           gates[t % Tg, r], cells[(t + 1) % Tc, r], tanh_cells[t % Tg, r],
                           hs[t + 1, r])
 
@@ -904,27 +904,31 @@ def _transpose_into(src, dst):
 
 
 @njit(**_JIT)
-def _pack_part(Wh, Wh_packed, lo, hi):
-    """Copy the columns of units lo..hi-1 (all four gates) into their panels for
-    `_vecmat_gates`: per V units u0 (V = VECTOR_BYTES / itemsize; lo is a multiple of V), a
-    panel (H, 4V) at u0·4H: panel[k, gate·V + j] = Wh[k, gate·H + u0 + j], 0 past hi.
-    Wh_packed holds ceil(H / V)·V·4H values.
+def _pack_part(W, packed, lo, hi, gates_per_row):
+    """Copy the columns of units lo..hi-1 (all four gates) of W (K, 4H) into panels: per V
+    units u0 (V = VECTOR_BYTES / itemsize; lo is a multiple of V), K rows of gates_per_row·V
+    values at u0·4K, the gates in order, gates_per_row of them a row: 4 (Wh for
+    `_vecmat_gates`: panel[k, gate·V + j] = W[k, gate·H + u0 + j]) or 2 (Wx for `_tile`: K rows
+    of i and f, then K rows of o and g). 0 past hi. packed holds ceil(H / V)·V·4K values.
     """
-    H = Wh.shape[0]
-    V = VECTOR_BYTES // Wh.itemsize
-    W = Wh.reshape(-1)
+    K, G = W.shape
+    H = G // 4
+    V = VECTOR_BYTES // W.itemsize
+    flat = W.reshape(-1)
     for u in range(lo, hi, V):
         nu = min(V, hi - u)
-        if nu < V:
-            panel = Wh_packed[4 * H * u:4 * H * (u + V)].reshape(H, 4 * V)
-            for k in range(H):
-                for gate in range(4):
-                    panel[k, gate * V:gate * V + nu] = Wh[k, gate * H + u:gate * H + u + nu]
-                    panel[k, gate * V + nu:(gate + 1) * V] = 0
-            continue
-        for k in range(H):
-            for gate in range(4):
-                _copy_vector(W, k * 4 * H + gate * H + u, Wh_packed, 4 * H * u + (4 * k + gate) * V)
+        for gate in range(4):
+            # where (k = 0, gate)'s V values go
+            row_run = gates_per_row * V
+            at = 4 * K * u + gate // gates_per_row * K * row_run + gate % gates_per_row * V
+            if nu == V:
+                for k in range(K):
+                    _copy_vector(flat, k * G + gate * H + u, packed, at + k * row_run)
+                continue
+            for k in range(K):
+                out = packed[at + k * row_run:at + k * row_run + V]
+                out[:nu] = W[k, gate * H + u:gate * H + u + nu]
+                out[nu:] = 0
 
 
 @njit(**_JIT)
@@ -938,30 +942,48 @@ def _largest_part(n_parts, H):
 
 
 @njit(**_JIT)
-def _forward_part(x_rows, Wx, Wh, b, Wh_packed, xproj, hs, cells, gates, tanh_cells, pre,
-                  step, part, n_parts):
-    """`part` of `step`: step 0 is a row range of xproj = x @ Wx and the part's packed Wh;
-    step 1 + t is step t of every batch row for the part's hidden units. Either writes only
-    that step's slots (gates and tanh_cells may be a 1-slot scratch when nothing reads them:
-    a duplicate then writes the same bits where nobody looks).
+def _project_part(x_rows, Wx_packed, lo, hi, xproj_part):
+    """xproj_part[m, gate·Hs + j - lo] = (x_rows @ Wx)[m, gate·H + j] for units lo <= j < hi
+    (Hs = xproj_part.shape[1] // 4, whole vectors: columns up to the vector's end hold the
+    zero padding's products), by `_tile` over Wx_packed (`_pack_part`, 2 gates a row).
+    Each output is stored once, as the complete sum: a duplicate of this (a helping thread)
+    writes the same bits over it and never shows partial sums to a thread reading it."""
+    M, D = x_rows.shape
+    Hs = xproj_part.shape[1] // 4
+    V = VECTOR_BYTES // x_rows.itemsize
+    x_flat = x_rows.reshape(-1)
+    out = xproj_part.reshape(-1)
+    for u in range(lo, hi, V):
+        for half in range(2):
+            panel = 4 * D * u + half * 2 * D * V
+            m = 0
+            while m < M:
+                mr = _next_tile_rows(M - m)
+                _tile(mr, D, x_flat, m * D, D, Wx_packed, panel, out,
+                      m * 4 * Hs + 2 * half * Hs + u - lo, Hs, 4 * Hs)
+                m += mr
+
+
+@njit(**_JIT)
+def _forward_part(x_rows, Wx, Wh, b, Wh_packed, Wx_packed, xproj, hs, cells, gates, tanh_cells,
+                  pre, step, part, n_parts):
+    """`part` of `step`: step 0 packs the part's columns of Wh and Wx and computes its
+    columns of x @ Wx into xproj[part] (T·B rows); step 1 + t is step t of every batch row for
+    the part's hidden units. Either writes only that step's slots (gates and tanh_cells may be
+    a 1-slot scratch when nothing reads them: a duplicate then writes the same bits where
+    nobody looks). Each part's projection is its own array: the thread that reads it at every
+    step wrote it, into its own cache (row ranges of one shared array, each step's gate
+    update read half its inputs from the other core).
     """
     H = hs.shape[2]
     lo, hi = _unit_range(part, n_parts, H)
     n = hi - lo
-    if step == 0:
-        # A row range of xproj = x @ Wx, made in private memory and then copied: BLAS writes
-        # its output through zeros and partial sums, and a duplicate of this part (a helping
-        # thread) would show those to a thread already reading xproj for step 1 (at zero
-        # patience, 8 wrong forward calls in 9000).
-        M = x_rows.shape[0]
-        r0, r1 = part * M // n_parts, (part + 1) * M // n_parts
-        if r1 > r0:
-            rows = np.empty((r1 - r0, Wx.shape[1]), dtype=Wx.dtype)
-            np.dot(x_rows[r0:r1], Wx, rows)
-            xproj.reshape(M, xproj.shape[2])[r0:r1] = rows
-        _pack_part(Wh, Wh_packed, lo, hi)
-        return
     if n == 0:
+        return
+    if step == 0:
+        _pack_part(Wh, Wh_packed, lo, hi, 4)
+        _pack_part(Wx, Wx_packed, lo, hi, 2)
+        _project_part(x_rows, Wx_packed, lo, hi, xproj[part])
         return
     B = hs.shape[1]
     t = step - 1
@@ -974,25 +996,27 @@ def _forward_part(x_rows, Wx, Wh, b, Wh_packed, xproj, hs, cells, gates, tanh_ce
         for u in range(lo, hi, V):
             _vecmat_gates(H, h_all, (t * B + r) * H, Wh_packed, 4 * H * u, pre_part[r],
                           u - lo, stride)
+    Hs = xproj.shape[2] // 4
     for r in range(B):
-        _cell_forward(pre_part[r], stride, xproj[t, r], b, cells[t, r], lo, n,
+        _cell_forward(pre_part[r], stride, xproj[part, t * B + r], 0, Hs, b, cells[t, r], lo, n,
                       gates[t % Tg, r], cells[t + 1, r], tanh_cells[t % Tg, r], hs[t + 1, r])
 
 
 @njit(parallel=True, **_JIT)
 def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience, parts_done,
-                          Wh_packed, xproj, hs, cells, gates, tanh_cells):
+                          Wh_packed, Wx_packed, xproj, hs, cells, gates, tanh_cells):
     """The whole forward pass in one parallel region of claimed parts (see "Step barrier"):
-    xproj = x @ Wx by row ranges, then the steps one after the other, each step's hidden units
+    each part's columns of x @ Wx, then the steps one after the other, each step's hidden units
     (for all batch rows) split into n_parts. One region, not two: under load a region waits
-    for a slow thread. Needs step-unique hs (T+1, B, H) and cells (T+1, B, H).
+    for a slow thread. Needs step-unique hs (T+1, B, H) and cells (T+1, B, H); xproj
+    (n_parts, T·B, 4·Hs) with Hs = `_largest_part` rounded up to whole vectors.
     parts_done[i] (out) counts the parts the i-th thread computed.
     """
-    T, B = xproj.shape[0], xproj.shape[1]
+    T, B = hs.shape[0] - 1, hs.shape[1]
     H = hs.shape[2]
     n_max = _largest_part(n_parts, H)
     for first in prange(n_parts):
-        pre = np.empty(B * 4 * (n_max + VECTOR_BYTES // xproj.itemsize), dtype=xproj.dtype)
+        pre = np.empty(B * 4 * (n_max + VECTOR_BYTES // hs.itemsize), dtype=hs.dtype)
         own_cycles = 0
         parts_done[first] = 0
         for step in range(1 + T):
@@ -1000,16 +1024,16 @@ def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience, pa
                 part = (first + q) % n_parts
                 if _claim_part(claims, part, step):
                     start = _cycle_counter()
-                    _forward_part(x_rows, Wx, Wh, b, Wh_packed, xproj, hs, cells,
-                                  gates, tanh_cells, pre, step, part, n_parts)
+                    _forward_part(x_rows, Wx, Wh, b, Wh_packed, Wx_packed, xproj, hs,
+                                  cells, gates, tanh_cells, pre, step, part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
-                    _forward_part(x_rows, Wx, Wh, b, Wh_packed, xproj, hs, cells,
-                                  gates, tanh_cells, pre, step, part, n_parts)
+                    _forward_part(x_rows, Wx, Wh, b, Wh_packed, Wx_packed, xproj, hs,
+                                  cells, gates, tanh_cells, pre, step, part, n_parts)
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
 
@@ -1341,9 +1365,14 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     # The tiles read [Wx; Wh; b] packed; the other kernels the input projection and Wh packed.
     tiles = not split and not plan.use_matvec
     V = VECTOR_BYTES // dtype.itemsize
-    xproj = scratch("numba/xproj", (0 if tiles else T, B, 4 * H), dtype)
     blocks = (H + V - 1) // V  # of V hidden units: [Wx; Wh; b] in panels, or Wh in panels
     packed = scratch("numba/packed", (blocks * V * 4 * (D + H + 1 if tiles else H),), dtype)
+    if split:  # each part's columns of x @ Wx, whole vectors of them
+        part_units = -(-_largest_part(plan.n_workers, H) // V) * V
+        xproj = scratch("numba/xproj", (plan.n_workers, T * B, 4 * part_units), dtype)
+        packed_x = scratch("numba/packed_x", (blocks * V * 4 * D,), dtype)
+    else:
+        xproj = scratch("numba/xproj", (0 if tiles else T, B, 4 * H), dtype)
     if need_cache:
         hs, cells, gates, tanh_cells = _empty_arrays(dtype, (T + 1, B, H), cells_shape,
                                                      gates_shape, tanh_cells_shape)
@@ -1364,7 +1393,8 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
             parts_done = np.empty(plan.n_workers, np.int64)
             _forward_split_hidden(x_rows, Wx, b, Wh, plan.n_workers,
                                   *_new_sync(1 + T, plan.n_workers), PATIENCE_CYCLES,
-                                  parts_done, packed, xproj, hs, cells, gates, tanh_cells)
+                                  parts_done, packed, packed_x, xproj, hs, cells, gates,
+                                  tanh_cells)
             _note_partner(parts_done, plan)
         elif tiles:
             _forward_batch_tiles(x_rows.reshape(T, B, D), Wx, Wh, b, plan.n_workers, packed, hs,
