@@ -180,3 +180,44 @@ def test_blas_limit_holds_in_any_python_thread():
             lib.set_num_threads(n)
     assert seen == [[1] * len(libs)]
     assert after == [2] * len(libs)
+
+
+def test_recycled_memory_returns_only_when_every_view_is_gone(monkeypatch):
+    from fastlstm import _scratch
+
+    monkeypatch.setattr(_scratch, "_free", [])
+    monkeypatch.setattr(_scratch, "_free_bytes", 0)
+    shape = (3, 512, 256)  # 1.5 MiB of float32: above RECYCLE_MIN_BYTES
+    first = _scratch.recycled(shape, np.float32)
+    assert first.shape == shape and first.dtype == np.float32
+    assert first.flags.c_contiguous and first.flags.writeable
+    assert first.ctypes.data % 64 == 0
+    address = first.ctypes.data
+    view = first[1:]
+    view[:] = 1.0
+    del first
+    second = _scratch.recycled(shape, np.float32)  # the view still holds the first block
+    assert second.ctypes.data != address
+    second[:] = 2.0
+    assert np.all(view == 1.0)
+    del view
+    third = _scratch.recycled(shape, np.float32)  # now it is free
+    assert third.ctypes.data == address
+    del second, third
+    assert _scratch._free_bytes == 2 * (np.prod(shape) * 4 + 64)
+
+
+def test_recycled_pool_keeps_at_most_its_limit(monkeypatch):
+    from fastlstm import _scratch
+
+    monkeypatch.setattr(_scratch, "_free", [])
+    monkeypatch.setattr(_scratch, "_free_bytes", 0)
+    monkeypatch.setattr(_scratch, "RECYCLE_KEEP_BYTES", 5 << 20)
+    arrays = [_scratch.recycled((1 << 20,), np.float64) for _ in range(4)]  # 8 MiB each
+    del arrays
+    assert _scratch._free == []  # none fits under 5 MiB
+    small = [_scratch.recycled((1 << 18,), np.float64) for _ in range(4)]  # 2 MiB each
+    del small
+    assert len(_scratch._free) == 2 and _scratch._free_bytes <= 5 << 20
+    tiny = _scratch.recycled((10,), np.float64)  # below RECYCLE_MIN_BYTES: plain NumPy
+    assert tiny.base is None

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _threads
 from .._backends import Backend, state_at_lengths
-from .._scratch import scratch
+from .._scratch import recycled, scratch
 from .._step import StepKernel
 from . import _lstm_cython
 
@@ -75,11 +75,11 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed
     """
     T, B, _ = x.shape
     H = Wh.shape[0]
-    y = np.empty((T, B, H), x.dtype)
+    y = recycled((T, B, H), x.dtype)
     if need_cache:
-        gates = np.empty((T, B, 4 * H), x.dtype)
-        c_store = np.empty((T, B, H), x.dtype)
-        tanh_c = np.empty((T, B, H), x.dtype)
+        gates = recycled((T, B, 4 * H), x.dtype)
+        c_store = recycled((T, B, H), x.dtype)
+        tanh_c = recycled((T, B, H), x.dtype)
         c_last = None
     else:
         c_store = c0.copy()[np.newaxis]  # c0 on entry, the latest cell state after each call
@@ -158,9 +158,9 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     da = scratch("cython/da", gates.shape, gates.dtype)
     dh = dh_T.copy()
     dc = dc_T.copy()
-    dx = np.empty_like(x) if need_dx else None
-    dWx = np.empty_like(Wx)
-    dWh = np.empty_like(Wh)
+    dx = recycled(x.shape, x.dtype) if need_dx else None
+    dWx = recycled(Wx.shape, x.dtype)
+    dWh = recycled(Wh.shape, x.dtype)
     db = np.empty(Wh.shape[1], x.dtype)
     matvec = use_matvec(B, n_threads)
     packed_t = scratch("cython/transposed",

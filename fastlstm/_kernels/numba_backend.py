@@ -42,7 +42,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .._backends import Backend
-from .._scratch import scratch
+from .._scratch import recycled, scratch
 from .._threads import blas_threads
 
 # --------------------------------------------------------------------------------------------
@@ -1286,7 +1286,7 @@ TILED_GRADIENTS_MAX_ROWS = 2048
 
 def _matmul(A, B, n_threads):
     """A @ B as a fresh array, rows split over the threads when it is large enough."""
-    out = np.empty((A.shape[0], B.shape[1]), A.dtype)
+    out = recycled((A.shape[0], B.shape[1]), A.dtype)
     if n_threads > 1 and A.shape[0] * A.shape[1] * B.shape[1] >= PARALLEL_GEMM_MIN_FMA:
         _matmul_rows(A, B, out, n_threads)
     else:
@@ -1296,11 +1296,12 @@ def _matmul(A, B, n_threads):
 
 def _matmul_transposed(A, B, n_threads):
     """A.T @ B as a fresh array; large ones as per-thread partial sums over row ranges."""
+    out = recycled((A.shape[1], B.shape[1]), A.dtype)
     if n_threads > 1 and A.shape[0] * A.shape[1] * B.shape[1] >= PARALLEL_GEMM_MIN_FMA:
-        partials = np.empty((n_threads, A.shape[1], B.shape[1]), A.dtype)
+        partials = scratch("numba/partials", (n_threads, A.shape[1], B.shape[1]), A.dtype)
         _matmul_transposed_partials(A, B, partials)
-        return partials.sum(axis=0)
-    return np.matmul(A.T, B)
+        return np.sum(partials, axis=0, out=out)
+    return np.matmul(A.T, B, out=out)
 
 
 def _empty_arrays(dtype, *shapes):
@@ -1315,7 +1316,7 @@ def _empty_arrays(dtype, *shapes):
     starts = [0]
     for size in sizes:
         starts.append(starts[-1] + -(-size // align) * align)
-    block = np.empty(starts[-1], dtype)
+    block = recycled((starts[-1],), dtype)
     return [block[start:start + size].reshape(shape)
             for start, size, shape in zip(starts, sizes, shapes)]
 
@@ -1377,7 +1378,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
         hs, cells, gates, tanh_cells = _empty_arrays(dtype, (T + 1, B, H), cells_shape,
                                                      gates_shape, tanh_cells_shape)
     else:
-        hs = np.empty((T + 1, B, H), dtype)
+        hs = recycled((T + 1, B, H), dtype)
         cells = scratch("numba/cells", cells_shape, dtype)
         gates = scratch("numba/gates", gates_shape, dtype)
         tanh_cells = scratch("numba/tanh_cells", tanh_cells_shape, dtype)
@@ -1449,8 +1450,8 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     dgates_rows = dgates.reshape(T * B, 4 * H)
     h_rows = hs[:T].reshape(T * B, H)
     if T * B <= TILED_GRADIENTS_MAX_ROWS:
-        dx = np.empty((T, B, D) if need_dx else (0, B, D), dy.dtype)
-        dWx, dWh = np.empty((D, 4 * H), dy.dtype), np.empty((H, 4 * H), dy.dtype)
+        dx = recycled((T, B, D) if need_dx else (0, B, D), dy.dtype)
+        dWx, dWh = recycled((D, 4 * H), dy.dtype), recycled((H, 4 * H), dy.dtype)
         db = np.empty(4 * H, dy.dtype)
         gradients_scratch = scratch("numba/gradients",
                                     (_tiled_gradients_size(T * B, D, H, dy.itemsize),), dy.dtype)
