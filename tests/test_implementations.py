@@ -76,3 +76,32 @@ def test_missing_peer_is_reported_not_installed(monkeypatch):
     assert IMPLEMENTATIONS["torch"].missing() == "not installed (torch)"
     runnable, skipped = runner.plan([], ["numpy", "torch"], ["fwd"], "float32")
     assert skipped == {"torch": "not installed (torch)"}
+
+
+def test_runner_takes_turns_in_rounds():
+    """Every (op, shape) is timed for each implementation in a row, the sequence repeated
+    once per round; an entry's times are those of all its turns."""
+    from fastlstm._bench import runner
+
+    shapes = [Shape("A", 2, 1, 3, 4), Shape("B", 3, 2, 2, 5)]
+    impls = [name for name in ("numpy", "cython", "numba") if not IMPLEMENTATIONS[name].missing()]
+    labels = []
+    budget = runner.Budget(min_reps=4, min_seconds=0.0, max_reps=4, rounds=2)
+    entries, skipped, _ = runner.run(shapes, impls, ["fwd"], np.dtype(np.float32), 1, budget,
+                                     progress=lambda done, total, label: labels.append(label))
+    turns = [f"fwd|{shape.name} {name}" for shape in shapes for name in impls]
+    assert labels == turns * 2 + [""]
+    assert [(e.shape, e.impl) for e in entries] == [(s.name, n) for s in shapes for n in impls]
+    assert all(len(entry.times) == 4 for entry in entries)  # 2 calls in each of 2 turns
+
+
+def test_runner_reports_a_failing_worker():
+    from fastlstm._bench import runner
+
+    worker = runner._Worker("numpy", np.dtype(np.float32), 1)
+    try:
+        # a negative size makes the worker's problem setup raise: its traceback comes back
+        with pytest.raises(RuntimeError, match="(?s)benchmark worker for numpy failed.*Error"):
+            worker.time("fwd", Shape("A", 2, 1, 3, -4), runner.QUICK)
+    finally:
+        worker.close()

@@ -1,10 +1,15 @@
 """Time the registry's implementations side by side in one run.
 
-Each implementation times each operation in a worker process of its own (``python -m
-fastlstm._bench.runner``), all on the same inputs, one worker after another. In one shared
-process the idle thread pools of whatever ran before (OpenBLAS, OpenMP, ONNX Runtime) slowed
-what ran next: torch's streaming step at S3 measured 24 ms after the other implementations
-and 0.26 ms on its own, on 2 idle cores.
+Each implementation runs in a worker process of its own (``python -m fastlstm._bench.runner``),
+all on the same inputs. In one shared process the idle thread pools of whatever ran before
+(OpenBLAS, OpenMP, ONNX Runtime) slowed what ran next: torch's streaming step at S3 measured
+24 ms after the other implementations and 0.26 ms on its own, on 2 idle cores.
+
+The workers stay up for the whole run and take turns: every (op, shape) is timed for each
+implementation in a row, and the whole sequence is repeated in rounds, each with a share of
+the budget. This machine's shared cores have slow phases of tens of seconds; with one worker
+timing all its shapes in one go, such a phase fell on one implementation only (one full run
+had Numba's S5 forward at 502 ms, against 257-270 ms in the runs before and after).
 """
 
 import contextlib
@@ -27,15 +32,26 @@ from .problems import make_problem
 
 class Budget(NamedTuple):
     """How long to time one entry: at least ``min_reps`` calls and ``min_seconds`` in total,
-    at most ``max_reps`` calls."""
+    at most ``max_reps`` calls, spread over ``rounds`` turns."""
 
     min_reps: int
     min_seconds: float
     max_reps: int
+    rounds: int = 1
+
+    def per_round(self):
+        """The budget of one turn."""
+        return Budget(-(-self.min_reps // self.rounds), self.min_seconds / self.rounds,
+                      -(-self.max_reps // self.rounds))
 
 
-FULL = Budget(min_reps=7, min_seconds=1.0, max_reps=300)
+FULL = Budget(min_reps=9, min_seconds=1.0, max_reps=300, rounds=3)
 QUICK = Budget(min_reps=3, min_seconds=0.15, max_reps=50)
+
+#: Pause after each turn before the next worker times: a worker's idle thread pools keep
+#: spinning for a while after its calls (OpenBLAS's up to ~0.1 s), on the cores the next one
+#: measures.
+SETTLE_SECONDS = 0.1
 
 
 def time_calls(call, budget):
@@ -112,75 +128,98 @@ def plan(shapes, impl_names, ops, dtype):
     return runnable, skipped
 
 
-def time_in_this_process(impl_name, op, shapes, dtype, n_threads, budget):
-    """Yield (shape name, seconds of each call) for every shape, timed here."""
-    if impl_name == "torch":
-        import torch  # noqa: F401  (loaded before fixed_threads so that its pool is pinned)
-    with fixed_threads(n_threads):
-        for shape in shapes:
-            problem = make_problem(shape, dtype)
-            prepared = IMPLEMENTATIONS[impl_name].prepare(op, problem, n_threads)
-            # A fresh process runs its first calls slower (page faults, thread pools waking,
-            # caches); warm up for half the budget, untimed.
-            time_calls(prepared.call, budget._replace(min_reps=1, min_seconds=budget.min_seconds / 2))
-            yield shape.name, time_calls(prepared.call, budget)
+class _Worker:
+    """A worker process that times one implementation for the whole run: requests go to its
+    stdin and times come back on its stdout, one JSON line each."""
 
+    def __init__(self, impl_name, dtype, n_threads):
+        self.impl_name = impl_name
+        setup = {"impl": impl_name, "dtype": str(dtype), "threads": n_threads}
+        # The worker must import this very fastlstm: ``-m`` would put the working directory
+        # first on sys.path, where a repository checkout holds an uncompiled source tree.
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            filter(None, [os.path.dirname(package), os.environ.get("PYTHONPATH")])))
+        # stderr to a file: a pipe nobody reads until the end fills up and stalls the worker
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fastlstm._bench.runner", json.dumps(setup)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+            env=env, cwd=tempfile.gettempdir(),
+        )
 
-def _time_in_worker(impl_name, op, shapes, dtype, n_threads, budget):
-    """Like `time_in_this_process`, in a fresh worker process."""
-    request = {"impl": impl_name, "op": op, "shapes": [list(shape) for shape in shapes],
-               "dtype": str(dtype), "threads": n_threads, "budget": list(budget)}
-    # The worker must import this very fastlstm: ``-m`` would put the working directory first
-    # on sys.path, where a repository checkout holds an uncompiled source tree.
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "fastlstm._bench.runner", json.dumps(request)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        cwd=tempfile.gettempdir(),
-    )
-    for line in worker.stdout:
-        result = json.loads(line)
-        yield result["shape"], result["times"]
-    if worker.wait() != 0:
-        raise RuntimeError(f"benchmark worker for {impl_name} {op} failed:\n"
-                           + worker.stderr.read()[-3000:])
+    def time(self, op, shape, budget):
+        """Seconds of each timed call of ``op`` on ``shape``."""
+        request = {"op": op, "shape": list(shape), "budget": list(budget)}
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self.process.wait()
+            self.stderr.seek(0)
+            raise RuntimeError(f"benchmark worker for {self.impl_name} failed:\n"
+                               + self.stderr.read()[-3000:])
+        return json.loads(line)["times"]
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+        self.stderr.close()
 
 
 def run(shapes, impl_names, ops, dtype, n_threads, budget, progress=None):
     """Time every runnable triple; returns (entries, skipped, peak GFLOP/s).
 
-    ``progress(done, total, label)`` is called before each entry.
+    ``progress(done, total, label)`` is called before each turn.
     """
     runnable, skipped = plan(shapes, impl_names, ops, dtype)
     peak = gemm_peak_gflops(dtype, n_threads, budget)
-    times = {}
-    for name in impl_names:
-        for op in ops:
-            group = [shape for o, shape, n in runnable if (o, n) == (op, name)]
-            if not group:
-                continue
-            if progress:
-                progress(len(times), len(runnable), f"{op}|{group[0].name} {name}")
-            for shape_name, seconds in _time_in_worker(name, op, group, dtype, n_threads, budget):
-                times[op, shape_name, name] = seconds
+    times = {key: [] for key in runnable}
+    turn_budget = budget.per_round()
+    workers = {}
+    total = len(runnable) * budget.rounds
+    try:
+        for round_index in range(budget.rounds):
+            for done, (op, shape, name) in enumerate(runnable, round_index * len(runnable)):
                 if progress:
-                    progress(len(times), len(runnable), f"{op}|{shape_name} {name}")
-    entries = [Entry(op, shape.name, name, times[op, shape.name, name])
+                    progress(done, total, f"{op}|{shape.name} {name}")
+                if name not in workers:
+                    workers[name] = _Worker(name, dtype, n_threads)
+                times[op, shape, name] += workers[name].time(op, shape, turn_budget)
+                time.sleep(SETTLE_SECONDS)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    if progress:
+        progress(total, total, "")
+    entries = [Entry(op, shape.name, name, times[op, shape, name])
                for op, shape, name in runnable]
     return entries, skipped, peak
 
 
-def _worker_main(request):
+def _worker_main(setup):
+    """Serve timing requests on stdin for one implementation (see `_Worker`)."""
     from .problems import Shape
 
-    for shape_name, seconds in time_in_this_process(
-        request["impl"], request["op"], [Shape(*s) for s in request["shapes"]],
-        np.dtype(request["dtype"]), request["threads"], Budget(*request["budget"]),
-    ):
-        print(json.dumps({"shape": shape_name, "times": seconds}), flush=True)
-
-
+    impl_name, dtype, n_threads = setup["impl"], np.dtype(setup["dtype"]), setup["threads"]
+    if impl_name == "torch":
+        import torch  # noqa: F401  (loaded before fixed_threads so that its pool is pinned)
+    prepared = {}
+    with fixed_threads(n_threads):
+        for line in sys.stdin:
+            request = json.loads(line)
+            budget = Budget(*request["budget"])
+            key = request["op"], tuple(request["shape"])
+            if key not in prepared:
+                problem = make_problem(Shape(*request["shape"]), dtype)
+                prepared[key] = IMPLEMENTATIONS[impl_name].prepare(request["op"], problem,
+                                                                    n_threads)
+                # A fresh process runs its first calls slower (page faults, thread pools
+                # waking, caches); warm up for as long as a turn, untimed.
+                time_calls(prepared[key].call, budget._replace(min_reps=1))
+            print(json.dumps({"times": time_calls(prepared[key].call, budget)}), flush=True)
 if __name__ == "__main__":
     _worker_main(json.loads(sys.argv[1]))
