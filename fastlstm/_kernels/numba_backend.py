@@ -1479,12 +1479,12 @@ def cells_from_cache(cache, c_T):
 def speed_rank(T, B, D, H):
     """Preference for backend=None (higher wins; the reference ranks 0, Cython 2).
 
-    Faster than the reference on every benchmark shape; level with the Cython backend on
-    batches and behind it at B = 1, so Cython stays first where it is built. Measured side by
-    side (float32, 2 threads, each implementation in its own process, median ms, numba vs
-    numpy vs cython): forward S1 0.361 vs 2.12 vs 0.249, S2 1.15 vs 5.07 vs 0.936, S3 7.63 vs
-    13.6 vs 6.61, S4 130 vs 193 vs 124, S5 262 vs 326 vs 275; forward+backward S3 24.1 vs 57.1
-    vs 24.4, S4 414 vs 949 vs 418, S5 817 vs 1179 vs 814.
+    Faster than the reference on every benchmark shape and level with the Cython backend, which
+    has no JIT start-up and so stays first where it is built. Measured side by side (the
+    reference report, docs/bench-report: float32, 2 threads, median ms, numba vs numpy vs
+    cython): forward S1 0.311 vs 2.17 vs 0.313, S2 1.03 vs 4.89 vs 1.03, S3 7.02 vs 14.7 vs
+    6.70, S4 129 vs 233 vs 126, S5 266 vs 339 vs 265; forward+backward S1 0.768 vs 17.9 vs
+    0.792, S3 22.3 vs 48.0 vs 21.5, S4 410 vs 742 vs 410, S5 830 vs 1023 vs 816.
     """
     return 1
 
