@@ -456,8 +456,8 @@ def _make_vecmat(vectors):
 
 @intrinsic
 def _copy_vector(typingctx, src, s_off, dst, d_off):
-    """dst[d_off:d_off + V] = src[s_off:s_off + V] as one vector load and store (a copy loop
-    over Numba arrays, which may alias, is not vectorised: packing Wh ran at 1.5 ns a value)."""
+    """dst[d_off:d_off + V] = src[s_off:s_off + V] as one vector load and store. (Slice copies
+    of 16 values packed S1's Wh at 0.73 ns a value, half of it in 23.9 µs; this, 4.0 µs.)"""
     sig = types.void(src, types.intp, dst, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -915,11 +915,11 @@ def _pack_part(W, packed, lo, hi, gates_per_row):
     H = G // 4
     V = VECTOR_BYTES // W.itemsize
     flat = W.reshape(-1)
+    row_run = gates_per_row * V
     for u in range(lo, hi, V):
         nu = min(V, hi - u)
         for gate in range(4):
             # where (k = 0, gate)'s V values go
-            row_run = gates_per_row * V
             at = 4 * K * u + gate // gates_per_row * K * row_run + gate % gates_per_row * V
             if nu == V:
                 for k in range(K):
