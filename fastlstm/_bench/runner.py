@@ -165,7 +165,8 @@ class _Worker:
         return json.loads(line)["times"]
 
     def close(self):
-        self.process.stdin.close()
+        with contextlib.suppress(BrokenPipeError):  # a worker that failed has no reader left
+            self.process.stdin.close()
         self.process.wait()
         self.stderr.close()
 
