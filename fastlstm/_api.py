@@ -110,19 +110,17 @@ def forward_padded(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache
     _, B, _, H = shape
     h0 = np.zeros((B, H), dtype) if h0 is None else np.ascontiguousarray(h0)
     c0 = np.zeros((B, H), dtype) if c0 is None else np.ascontiguousarray(c0)
-    n_threads = _threads.get_num_threads()
-    with _threads.blas_threads(n_threads):
-        y, h_T, c_T, data = chosen.forward(
-            np.ascontiguousarray(x),
-            np.ascontiguousarray(Wx),
-            np.ascontiguousarray(Wh),
-            np.ascontiguousarray(b),
-            h0,
-            c0,
-            need_cache=bool(return_cache),
-            n_threads=n_threads,
-            lengths=lengths,
-        )
+    y, h_T, c_T, data = chosen.forward(
+        np.ascontiguousarray(x),
+        np.ascontiguousarray(Wx),
+        np.ascontiguousarray(Wh),
+        np.ascontiguousarray(b),
+        h0,
+        c0,
+        need_cache=bool(return_cache),
+        n_threads=_threads.get_num_threads(),
+        lengths=lengths,
+    )
     if return_cache:
         return y, h_T, c_T, LSTMCache(chosen.name, shape, dtype, data)
     return y, h_T, c_T
@@ -162,10 +160,8 @@ def backward_grads(dy, cache, dh_T=None, dc_T=None, *, need_dx=True):
     dh_T = np.zeros((B, H), cache.dtype) if dh_T is None else np.ascontiguousarray(dh_T)
     dc_T = np.zeros((B, H), cache.dtype) if dc_T is None else np.ascontiguousarray(dc_T)
     chosen = _backends.get_backend(cache.backend, cache.shape)
-    n_threads = _threads.get_num_threads()
-    with _threads.blas_threads(n_threads):
-        grads = chosen.backward(
-            np.ascontiguousarray(dy), dh_T, dc_T, cache._data, n_threads=n_threads,
-            need_dx=need_dx,
-        )
+    grads = chosen.backward(
+        np.ascontiguousarray(dy), dh_T, dc_T, cache._data, n_threads=_threads.get_num_threads(),
+        need_dx=need_dx,
+    )
     return LSTMGrads(*grads)

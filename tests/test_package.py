@@ -182,6 +182,39 @@ def test_blas_limit_holds_in_any_python_thread():
     assert after == [2] * len(libs)
 
 
+def test_reference_runs_blas_on_the_call_threads(monkeypatch):
+    """The reference's BLAS gets fastlstm's thread count for the call (each backend owns its
+    BLAS limit now), and the user's setting is back afterwards."""
+    from fastlstm import _threads
+    from fastlstm._kernels import numpy_ref
+
+    fastlstm.available_backends()
+    _threads.forget_loaded_libraries()
+    libs = _threads._blas_controllers()
+    seen = []
+    step = numpy_ref.lstm_step_forward
+
+    def recording_step(*args):
+        seen.append({lib.get_num_threads() for lib in libs})
+        return step(*args)
+
+    monkeypatch.setattr(numpy_ref, "lstm_step_forward", recording_step)
+    before = [lib.get_num_threads() for lib in libs]
+    args = make_problem(3, 2, 4, 5)
+    try:
+        for lib in libs:
+            lib.set_num_threads(2)
+        fastlstm.set_num_threads(1)
+        fastlstm.lstm_forward(**args, backend="numpy")
+        after = [lib.get_num_threads() for lib in libs]
+    finally:
+        fastlstm.set_num_threads(None)
+        for lib, n in zip(libs, before):
+            lib.set_num_threads(n)
+    assert seen == [{1}] * 3  # every step
+    assert after == [2] * len(libs)
+
+
 def test_recycled_memory_returns_only_when_every_view_is_gone(monkeypatch):
     from fastlstm import _scratch
 

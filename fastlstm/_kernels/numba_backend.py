@@ -1267,10 +1267,12 @@ class _numba_threads:
 
     def __enter__(self):
         self.before = numba.get_num_threads()
-        numba.set_num_threads(self.n)
+        if self.before != self.n:  # each set costs 1 µs
+            numba.set_num_threads(self.n)
 
     def __exit__(self, *exc):
-        numba.set_num_threads(self.before)
+        if self.before != self.n:
+            numba.set_num_threads(self.before)
 
 
 #: Multiply-adds below which a GEMM after the time loop stays on one thread: waking the
@@ -1388,8 +1390,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     Wx = _writeable(Wx)
     Wh = _writeable(Wh)
     b = b.copy()
-    # Every BLAS call runs single-threaded inside Numba's threads: one owner of the cores.
-    with blas_threads(1), _numba_threads(plan.n_threads):
+    with _numba_threads(plan.n_threads):
         if split:
             parts_done = np.empty(plan.n_workers, np.int64)
             _forward_split_hidden(x_rows, Wx, b, Wh, plan.n_workers,
@@ -1401,8 +1402,11 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
             _forward_batch_tiles(x_rows.reshape(T, B, D), Wx, Wh, b, plan.n_workers, packed, hs,
                                  cells, gates, tanh_cells)
         else:
-            _forward_batch_chunks(x_rows, Wx, b, Wh, plan.n_workers, xproj, hs, cells, gates,
-                                  tanh_cells)
+            # The only forward kernel with BLAS in it (the input projection); each of Numba's
+            # threads calls it single-threaded: one owner of the cores.
+            with blas_threads(1):
+                _forward_batch_chunks(x_rows, Wx, b, Wh, plan.n_workers, xproj, hs, cells,
+                                      gates, tanh_cells)
     y = hs[1:]
     if lengths is None:
         h_T = hs[T].copy()
@@ -1432,7 +1436,7 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     width = 2 * (VECTOR_BYTES // dy.itemsize)
     panels = 0 if plan.use_matvec and not split else (H + width - 1) // width
     packed_t = scratch("numba/packed_t", (panels * width * 4 * H,), dy.dtype)
-    with blas_threads(1), _numba_threads(plan.n_threads):
+    with _numba_threads(plan.n_threads):
         if split:
             parts_done = np.empty(plan.n_workers, np.int64)
             carry[0] = dh_T

@@ -10,6 +10,7 @@ Gate blocks along the 4H axis are ordered i, f, o, g.
 import numpy as np
 
 from .._backends import Backend
+from .._threads import blas_threads
 
 
 def sigmoid(a):
@@ -88,7 +89,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
 
     x : (T, B, D); Wx : (D, 4H); Wh : (H, 4H); b : (4H,); h0, c0 : (B, H).
     Returns y : (T, B, H), h_T : (B, H), c_T : (B, H) and the list of step caches
-    (None unless ``need_cache``). ``n_threads`` is enforced by the caller on NumPy's BLAS.
+    (None unless ``need_cache``). ``n_threads`` is enforced on NumPy's BLAS by `_on_blas_threads`.
     With ``lengths`` (B,), h_T and c_T are each row's states after its first lengths[b] steps.
     """
     T, B, _ = x.shape
@@ -148,4 +149,14 @@ def speed_rank(T, B, D, H):
     return 0
 
 
-BACKEND = Backend("numpy", forward, backward, speed_rank)
+def _on_blas_threads(run):
+    """``run`` with NumPy's BLAS, where the reference spends its time, on the call's threads."""
+
+    def call(*args, n_threads, **kwargs):
+        with blas_threads(n_threads):
+            return run(*args, n_threads=n_threads, **kwargs)
+
+    return call
+
+
+BACKEND = Backend("numpy", _on_blas_threads(forward), _on_blas_threads(backward), speed_rank)
