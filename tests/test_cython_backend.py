@@ -166,9 +166,10 @@ def test_pack_layout(H, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H", [1, 3, 8, 13, 16, 37])
-def test_pack_transposed_layout(H, dtype):
-    """packed_t[blk, k, j] = Wh[blk*N + j, k], zero past H (N = 2U units per block)."""
+@pytest.mark.parametrize("H", [1, 3, 8, 13, 16, 37, 64, 100])
+def test_pack_transposed_layout(H, dtype, simd, n_threads):
+    """packed_t[blk, k, j] = Wh[blk*N + j, k], zero past H (N = 2U units per block), whole
+    vector tiles transposed in registers and the edges value by value, in every build."""
     rng = np.random.default_rng(H)
     Wh = rng.standard_normal((H, 4 * H)).astype(dtype)
     width = 2 * _lstm_cython.units_per_block(np.dtype(dtype).itemsize)
@@ -177,7 +178,7 @@ def test_pack_transposed_layout(H, dtype):
     padded[:H] = Wh
     expected = padded.reshape(n_blocks, width, 4 * H).transpose(0, 2, 1).ravel()
     packed_t = np.empty(_lstm_cython.packed_transposed_size(H, np.dtype(dtype).itemsize), dtype)
-    _lstm_cython.pack_transposed_weights(Wh, packed_t)
+    _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
     np.testing.assert_array_equal(packed_t, expected)
 
 

@@ -94,6 +94,10 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
     void fastlstm_backward_dh_panels_f64(const double *packed_t, Py_ssize_t H, Py_ssize_t rows,
                                          const double *da, double *dh, Py_ssize_t blk_begin,
                                          Py_ssize_t blk_end)
+    void fastlstm_transpose_f32(const float *src, Py_ssize_t lds, Py_ssize_t rows,
+                                Py_ssize_t cols, float *dst, Py_ssize_t ldd)
+    void fastlstm_transpose_f64(const double *src, Py_ssize_t lds, Py_ssize_t rows,
+                                Py_ssize_t cols, double *dst, Py_ssize_t ldd)
     void fastlstm_backward_dh_tiles_f32(const float *packed_t, Py_ssize_t H, const float *da,
                                         float *dh, Py_ssize_t row_begin, Py_ssize_t row_end)
     void fastlstm_backward_dh_tiles_f64(const double *packed_t, Py_ssize_t H, const double *da,
@@ -260,20 +264,16 @@ cdef void _pack_transposed(const floating *W, Py_ssize_t H, Py_ssize_t G, floati
     cdef Py_ssize_t n_blocks = (H + width - 1) // width
     cdef Py_ssize_t blk, k, j, n
     cdef floating *out
-    cdef Py_ssize_t k_pass, k0, k_end
     for blk in prange(n_blocks, num_threads=n_threads, schedule="static"):
         n = min(width, H - blk * width)
         out = packed_t + blk * G * width
-        # tiles of N rows x PACK_ROWS values: rows read along, written across, both in L1
-        for k_pass in range((G + PACK_ROWS - 1) // PACK_ROWS):
-            k0 = k_pass * PACK_ROWS
-            k_end = min(k0 + PACK_ROWS, G)
-            for j in range(n):
-                for k in range(k0, k_end):
-                    out[k * width + j] = W[(blk * width + j) * G + k]
+        if floating is float:
+            fastlstm_transpose_f32(W + blk * width * G, G, n, G, out, width)
+        else:
+            fastlstm_transpose_f64(W + blk * width * G, G, n, G, out, width)
+        for k in range(G if n < width else 0):
             for j in range(n, width):
-                for k in range(k0, k_end):
-                    out[k * width + j] = 0
+                out[k * width + j] = 0
 
 
 def pack_transposed_weights(const floating[:, ::1] Wh, floating[::1] packed_t, int n_threads=1):

@@ -479,6 +479,91 @@ KERNEL_ATTR static void SUFFIX(backward_cell)(const REAL *restrict gates, Py_ssi
     }
 }
 
+/* ---- transposing ---- */
+
+/* Lane lists for the shuffles of `transpose_tile`: F(k, s) for every lane k. */
+#if LANES == 16
+#define LANE_LIST(F, s)                                                                          \
+    F(0, s), F(1, s), F(2, s), F(3, s), F(4, s), F(5, s), F(6, s), F(7, s), F(8, s), F(9, s),     \
+        F(10, s), F(11, s), F(12, s), F(13, s), F(14, s), F(15, s)
+#elif LANES == 8
+#define LANE_LIST(F, s) F(0, s), F(1, s), F(2, s), F(3, s), F(4, s), F(5, s), F(6, s), F(7, s)
+#else
+#define LANE_LIST(F, s) F(0, s), F(1, s), F(2, s), F(3, s)
+#endif
+/* A round's pair of rows (a, b) = (row i, row i + s), bit s of i clear; the shuffles number
+ * a's lanes 0 .. LANES-1 and b's LANES .. 2·LANES-1. New row i keeps a's lanes k whose bit s is
+ * clear and takes b's lane k - s for the others; new row i + s takes a's lane k + s for lanes
+ * with bit s clear and keeps b's others. */
+#define LOW_LANE(k, s) (((k) & (s)) ? LANES + (k) - (s) : (k))
+#define HIGH_LANE(k, s) (((k) & (s)) ? LANES + (k) : (k) + (s))
+#if defined(__clang__)
+#define SHUFFLE_PAIR(a, b, F, s) __builtin_shufflevector(a, b, LANE_LIST(F, s))
+#else
+#define SHUFFLE_PAIR(a, b, F, s) __builtin_shuffle(a, b, (IVEC){LANE_LIST(F, s)})
+#endif
+#define TRANSPOSE_ROUND(s)                                                                       \
+    for (int i = 0; i < LANES; i++) {                                                            \
+        if (!(i & (s))) {                                                                        \
+            VEC a = r[i], b = r[i + (s)];                                                        \
+            r[i] = SHUFFLE_PAIR(a, b, LOW_LANE, s);                                              \
+            r[i + (s)] = SHUFFLE_PAIR(a, b, HIGH_LANE, s);                                       \
+        }                                                                                        \
+    }
+
+/* dst[c·ldd + r] = src[r·lds + c] for one LANES x LANES tile, in registers. Each round swaps
+ * bit s of the row number with bit s of the lane (the pairs of rows exchange their off-diagonal
+ * s x s blocks); after the rounds s = LANES/2 .. 1 every element sits at its transposed place. */
+KERNEL_ATTR static inline __attribute__((always_inline)) void SUFFIX(transpose_tile)(
+    const REAL *src, Py_ssize_t lds, REAL *dst, Py_ssize_t ldd)
+{
+    VEC r[LANES];
+#pragma GCC unroll 16
+    for (int i = 0; i < LANES; i++)
+        r[i] = SUFFIX(vload)(src + i * lds);
+#if LANES == 16
+#pragma GCC unroll 16
+    TRANSPOSE_ROUND(8)
+#endif
+#if LANES >= 8
+#pragma GCC unroll 16
+    TRANSPOSE_ROUND(4)
+#endif
+#pragma GCC unroll 16
+    TRANSPOSE_ROUND(2)
+#pragma GCC unroll 16
+    TRANSPOSE_ROUND(1)
+#pragma GCC unroll 16
+    for (int i = 0; i < LANES; i++)
+        SUFFIX(vstore)(dst + i * ldd, r[i]);
+}
+
+/* dst[c·ldd + r] = src[r·lds + c] for r < rows, c < cols: whole tiles in registers, the edges
+ * value by value. (The value-by-value loop over whole blocks wrote across cache lines at one
+ * value a cycle at best: S1's Wh.T took 36 µs.) */
+KERNEL_ATTR static void SUFFIX(transpose)(const REAL *restrict src, Py_ssize_t lds,
+                                          Py_ssize_t rows, Py_ssize_t cols,
+                                          REAL *restrict dst, Py_ssize_t ldd)
+{
+    Py_ssize_t r0 = 0;
+    for (; r0 + LANES <= rows; r0 += LANES) {
+        Py_ssize_t c0 = 0;
+        for (; c0 + LANES <= cols; c0 += LANES)
+            SUFFIX(transpose_tile)(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+        for (Py_ssize_t r = r0; r < r0 + LANES; r++)
+            for (Py_ssize_t c = c0; c < cols; c++)
+                dst[c * ldd + r] = src[r * lds + c];
+    }
+    for (Py_ssize_t r = r0; r < rows; r++)
+        for (Py_ssize_t c = 0; c < cols; c++)
+            dst[c * ldd + r] = src[r * lds + c];
+}
+
+#undef LANE_LIST
+#undef LOW_LANE
+#undef HIGH_LANE
+#undef SHUFFLE_PAIR
+#undef TRANSPOSE_ROUND
 #undef TILE_ROWS
 #undef VEC
 #undef IVEC
