@@ -161,6 +161,25 @@ def test_project_part_writes_its_units_columns():
         assert np.all(out[:, gate * Hs + hi - lo:(gate + 1) * Hs] == 0)  # the zero padding
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("H", [1, 3, 8, 13, 16, 37, 64, 100])
+def test_pack_transposed_layout(H, dtype):
+    """Blocks blk_lo..blk_hi-1 of packed_t[blk, g, j] = Wh[blk·2V + j, g], 0 past H (whole
+    vector tiles through registers, the edges value by value); other blocks untouched."""
+    Wh = np.random.default_rng(H).standard_normal((H, 4 * H)).astype(dtype)
+    width = 2 * nb.VECTOR_BYTES // np.dtype(dtype).itemsize
+    n_blocks = -(-H // width)
+    padded = np.zeros((n_blocks * width, 4 * H), dtype)
+    padded[:H] = Wh
+    expected = padded.reshape(n_blocks, width, 4 * H).transpose(0, 2, 1).ravel()
+    packed_t = np.full(expected.size, 7.0, dtype)
+    blk_lo = n_blocks // 2
+    nb._pack_transposed(Wh, packed_t, blk_lo, n_blocks)
+    start = blk_lo * width * 4 * H
+    np.testing.assert_array_equal(packed_t[start:], expected[start:])
+    assert np.all(packed_t[:start] == 7.0)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 40), (17, 33), (16, 16)])
 def test_transpose_into_a_strided_view(shape):
     src = np.random.default_rng(0).standard_normal(shape)

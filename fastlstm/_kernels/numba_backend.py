@@ -470,6 +470,40 @@ def _copy_vector(typingctx, src, s_off, dst, d_off):
     return sig, codegen
 
 
+@intrinsic
+def _transpose_vectors(typingctx, src, s_off, lds, dst, d_off, ldd):
+    """dst[d_off + c·ldd + r] = src[s_off + r·lds + c] for r, c < V: one V x V tile through
+    registers. Each of log2(V) rounds pairs rows i and i + s (bit s of i clear) and swaps
+    their off-diagonal s x s blocks, i.e. bit s of the row number with bit s of the lane.
+    (Value by value, S1's Wh.T took 20 µs on one thread.)"""
+    sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src, s_off, lds, dst, d_off, ldd = args
+        v = _VectorIR(context, builder, signature.args[0].dtype)
+        s_ptr, d_ptr = v.data(signature.args[0], src), v.data(signature.args[3], dst)
+        V = v.width
+        rows = [v.load(s_ptr, builder.add(s_off, builder.mul(v.const(i), lds)))
+                for i in range(V)]
+        lanes = ir.VectorType(ir.IntType(32), V)
+        s = V // 2
+        while s:
+            # lanes of the pair (a, b) as shuffle_vector numbers them: b's from V on
+            low = ir.Constant(lanes, [V + k - s if k & s else k for k in range(V)])
+            high = ir.Constant(lanes, [V + k if k & s else k + s for k in range(V)])
+            for i in range(V):
+                if not i & s:
+                    a, b = rows[i], rows[i + s]
+                    rows[i] = builder.shuffle_vector(a, b, low)
+                    rows[i + s] = builder.shuffle_vector(a, b, high)
+            s //= 2
+        for i in range(V):
+            v.store(rows[i], d_ptr, builder.add(d_off, builder.mul(v.const(i), ldd)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 #: One row times a panel of the four gates of V hidden units per k (the one-row forward step).
 _vecmat_gates = _make_vecmat(4)
 #: One row times a `_pack_transposed` panel of 2V hidden units per k (the one-row BPTT step).
@@ -524,22 +558,29 @@ def _pack_stacked(Wx, Wh, b, packed, blk_lo, blk_hi):
 @njit(**_JIT)
 def _pack_transposed(Wh, packed_t, blk_lo, blk_hi):
     """Arrange Wh.T (4H rows of H) for the backward tiles, blocks blk_lo..blk_hi-1 of 2V
-    hidden units: packed_t[(blk·4H + g)·2V + j] = Wh[blk·2V + j, g], 0 past H."""
+    hidden units: packed_t[(blk·4H + g)·2V + j] = Wh[blk·2V + j, g], 0 past H. Whole V x V
+    tiles by `_transpose_vectors`, the edges value by value."""
     H, G = Wh.shape
-    width = 2 * (VECTOR_BYTES // Wh.itemsize)
+    V = VECTOR_BYTES // Wh.itemsize
+    width = 2 * V
+    flat = Wh.reshape(-1)
+    full_g = G // V * V
     for blk in range(blk_lo, blk_hi):
         n = min(width, H - blk * width)
         panel = packed_t[blk * G * width:(blk + 1) * G * width].reshape(G, width)
-        for g0 in range(0, G, PACK_ROWS):
-            g1 = min(G, g0 + PACK_ROWS)
-            for j in range(width):
-                column = panel[g0:g1, j]
-                if j < n:
-                    src = Wh[blk * width + j, g0:g1]
-                    for g in range(g1 - g0):
-                        column[g] = src[g]
-                else:
-                    column[:] = 0
+        for j0 in range(0, n - V + 1, V):
+            for g0 in range(0, full_g, V):
+                _transpose_vectors(flat, (blk * width + j0) * G + g0, G, packed_t,
+                                   (blk * G + g0) * width + j0, width)
+        full_j = n // V * V
+        for j in range(width):
+            column = panel[:, j]
+            if j >= n:
+                column[:] = 0
+                continue
+            src = Wh[blk * width + j]
+            for g in range(0 if j >= full_j else full_g, G):
+                column[g] = src[g]
 
 
 # --------------------------------------------------------------------------------------------
