@@ -256,6 +256,15 @@ def packed_transposed_size(Py_ssize_t H, dtype_size):
     return (H + width - 1) // width * width * 4 * H
 
 
+cdef inline void _transpose(const floating *src, Py_ssize_t lds, Py_ssize_t rows,
+                            Py_ssize_t cols, floating *dst, Py_ssize_t ldd) noexcept nogil:
+    """dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: vector tiles in registers."""
+    if floating is float:
+        fastlstm_transpose_f32(src, lds, rows, cols, dst, ldd)
+    else:
+        fastlstm_transpose_f64(src, lds, rows, cols, dst, ldd)
+
+
 cdef void _pack_transposed(const floating *W, Py_ssize_t H, Py_ssize_t G, floating *packed_t,
                            int n_threads) noexcept nogil:
     """W.T for W (H, G) in blocks of N = 2U of W's rows, split across n_threads threads:
@@ -267,10 +276,7 @@ cdef void _pack_transposed(const floating *W, Py_ssize_t H, Py_ssize_t G, floati
     for blk in prange(n_blocks, num_threads=n_threads, schedule="static"):
         n = min(width, H - blk * width)
         out = packed_t + blk * G * width
-        if floating is float:
-            fastlstm_transpose_f32(W + blk * width * G, G, n, G, out, width)
-        else:
-            fastlstm_transpose_f64(W + blk * width * G, G, n, G, out, width)
+        _transpose(W + blk * width * G, G, n, G, out, width)
         for k in range(G if n < width else 0):
             for j in range(n, width):
                 out[k * width + j] = 0
@@ -698,7 +704,6 @@ cdef void _weight_gradients_tiled(const floating *x, const floating *Wx, const f
     cdef floating *h_t = x_t + D * rows
     cdef floating *wx_panels = h_t + H * rows
     cdef Py_ssize_t p, k, j, n, r, begin, end
-    cdef const floating *h_row
     cdef int team, part
     cdef fastlstm_barrier barrier
     fastlstm_barrier_init(&barrier)
@@ -716,12 +721,12 @@ cdef void _weight_gradients_tiled(const floating *x, const floating *Wx, const f
         # rows) or y of the step before
         begin = _bound(rows, team, part, 1)
         end = _bound(rows, team, part + 1, 1)
-        for r in range(begin, end):
-            h_row = h0 + r * H if r < B else y + (r - B) * H
-            for k in range(D):
-                x_t[k * rows + r] = x[r * D + k]
-            for k in range(H):
-                h_t[k * rows + r] = h_row[k]
+        _transpose(x + begin * D, D, end - begin, D, x_t + begin, rows)
+        if begin < B:
+            _transpose(h0 + begin * H, H, min(end, B) - begin, H, h_t + begin, rows)
+        if end > B:
+            r = max(begin, B)
+            _transpose(y + (r - B) * H, H, end - r, H, h_t + r, rows)
         # every thread's panels and transposes are in place; (a busy machine's advice to go on
         # alone is not taken: these are the last products of the call)
         fastlstm_barrier_wait(&barrier, team)
