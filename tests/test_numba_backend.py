@@ -180,13 +180,14 @@ def test_pack_transposed_layout(H, dtype):
     assert np.all(packed_t[:start] == 7.0)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 40), (17, 33), (16, 16)])
-def test_transpose_into_a_strided_view(shape):
-    src = np.random.default_rng(0).standard_normal(shape)
-    dst = np.full((shape[1], shape[0] + 3), 7.0)
-    nb._transpose_into(src, dst[:, 1:shape[0] + 1])
-    np.testing.assert_array_equal(dst[:, 1:shape[0] + 1], src.T)
-    assert np.all(dst[:, 0] == 7.0) and np.all(dst[:, shape[0] + 1:] == 7.0)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 40), (17, 33), (16, 16), (40, 70), (8, 5)])
+def test_transpose_into(shape, dtype):
+    """Whole vector tiles and both edges (rows past the last tile, columns past it)."""
+    src = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    dst = np.full(shape[::-1], 7.0, dtype)
+    nb._transpose_into(src, dst)
+    np.testing.assert_array_equal(dst, src.T)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
