@@ -546,6 +546,10 @@ def _pack_stacked(Wx, Wh, b, packed, blk_lo, blk_hi):
                     else:
                         row = b
                     start = ((blk * 2 + half) * K + k) * 2 * V
+                    if n == V:
+                        _copy_vector(row, 2 * half * H + u, packed, start)
+                        _copy_vector(row, (2 * half + 1) * H + u, packed, start + V)
+                        continue
                     out = packed[start:start + 2 * V]
                     for q2 in range(2):
                         src = row[(2 * half + q2) * H + u:(2 * half + q2) * H + u + n]
