@@ -315,16 +315,29 @@ def test_planner_choices(monkeypatch):
 
 
 def test_absent_partner_backs_off_to_one_thread_for_a_while(monkeypatch):
+    """Each absence in a row doubles the one-thread back-off (up to its cap); a shared call
+    resets it; a one-thread call says nothing about the partner."""
     monkeypatch.setattr(nb, "_split_backoff", 0)
+    monkeypatch.setattr(nb, "_next_backoff", nb.SPLIT_BACKOFF_FIRST)
     plan = nb._plan(1, 256, 2)
+    alone = plan._replace(n_threads=1)
     nb._note_partner(np.array([50, 50]), plan)
     assert nb._plan(1, 256, 2) == plan
-    nb._note_partner(np.array([98, 2]), plan)
-    plans = [nb._plan(1, 256, 2) for _ in range(nb.SPLIT_BACKOFF_CALLS + 1)]
-    assert plans[:-1] == [plan._replace(n_threads=1)] * nb.SPLIT_BACKOFF_CALLS
-    assert plans[-1] == plan
-    nb._note_partner(np.array([100, 0]), plan._replace(n_threads=1))  # by design, not absence
+
+    def back_off_after_absence():
+        nb._note_partner(np.array([98, 2]), plan)
+        plans = [nb._plan(1, 256, 2) for _ in range(nb.SPLIT_BACKOFF_MAX + 1)]
+        assert plans[-1] == plan
+        return plans.index(plan)
+
+    lengths = [back_off_after_absence() for _ in range(8)]
+    assert lengths[0] == nb.SPLIT_BACKOFF_FIRST
+    assert all(b == min(2 * a, nb.SPLIT_BACKOFF_MAX) for a, b in zip(lengths, lengths[1:]))
+    assert lengths[-1] == nb.SPLIT_BACKOFF_MAX
+    nb._note_partner(np.array([100, 0]), alone)  # one thread by design, not absence
     assert nb._plan(1, 256, 2) == plan
+    nb._note_partner(np.array([50, 50]), plan)
+    assert back_off_after_absence() == nb.SPLIT_BACKOFF_FIRST
 
 
 def test_speed_rank_prefers_numba_over_the_reference():
