@@ -1537,9 +1537,9 @@ def speed_rank(T, B, D, H):
     Faster than the reference on every benchmark shape and level with the Cython backend, which
     has no JIT start-up and so stays first where it is built. Measured side by side (the
     reference report, docs/bench-report: float32, 2 threads, median ms, numba vs numpy vs
-    cython): forward S1 0.311 vs 2.17 vs 0.313, S2 1.03 vs 4.89 vs 1.03, S3 7.02 vs 14.7 vs
-    6.70, S4 129 vs 233 vs 126, S5 266 vs 339 vs 265; forward+backward S1 0.768 vs 17.9 vs
-    0.792, S3 22.3 vs 48.0 vs 21.5, S4 410 vs 742 vs 410, S5 830 vs 1023 vs 816.
+    cython): forward S1 0.308 vs 2.23 vs 0.316, S2 1.03 vs 5.26 vs 1.18, S3 6.67 vs 15.0 vs
+    6.74, S4 128 vs 214 vs 135, S5 259 vs 342 vs 273; forward+backward S1 0.723 vs 17.4 vs
+    0.652, S3 22.4 vs 53.1 vs 21.2, S4 426 vs 955 vs 452, S5 848 vs 1107 vs 816.
     """
     return 1
 
