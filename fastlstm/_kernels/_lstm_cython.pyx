@@ -289,9 +289,10 @@ cdef void _pack_transposed(const floating *W, Py_ssize_t H, Py_ssize_t G, floati
         n = min(width, H - blk * width)
         out = packed_t + blk * G * width
         _transpose(W + blk * width * G, G, n, G, out, width)
-        for k in range(G if n < width else 0):
-            for j in range(n, width):
-                out[k * width + j] = 0
+        if n < width:  # the last block: zeros past H
+            for k in range(G):
+                for j in range(n, width):
+                    out[k * width + j] = 0
 
 
 def pack_transposed_weights(const floating[:, ::1] Wh, floating[::1] packed_t, int n_threads=1):
