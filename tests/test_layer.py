@@ -346,10 +346,12 @@ def test_step_allocates_nothing_in_steady_state(backend):
         assert all(w.size < _step.ONE_BLAS_THREAD_FROM for w in prepared)
     kept, peak = traced_steps(layer, 45)
     assert kept == 0, f"steps kept {kept} bytes"
-    # The interpreter's own transient objects (the loop's zip iterator: ~200 bytes) remain;
-    # the smallest array a step could allocate, one hidden vector, is 4·H = 512 B of data
-    # plus its ~100-byte header.
-    assert peak < 512, f"steps allocated up to {peak} bytes on the way"
+    # The interpreter's own transient objects (the loop's zip iterator: ~200 bytes) remain, and
+    # a Numba dispatcher's while it types a call's arguments (~430 bytes a call); the smallest
+    # array a step could allocate, one hidden vector, is 4·H = 512 B of data plus its ~100-byte
+    # header, on top of those.
+    dispatch = 512 if kernel.step.__module__.endswith("numba_backend") else 0
+    assert peak < 512 + dispatch, f"steps allocated up to {peak} bytes on the way"
 
 
 def test_large_steps_allocate_no_arrays():

@@ -440,3 +440,31 @@ def test_weight_gradients_on_blas_and_on_tiles(monkeypatch, max_rows, dtype, n_t
     dy, dh_T, dc_T = make_upstream(30, 5, 21, dtype)
     outputs, grads = run("numba", args, dy, dh_T, dc_T)
     assert_matches_reference(outputs, grads, *reference(args, dy, dh_T, dc_T), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B, D, H", [(1, 5, 37), (3, 16, 40), (7, 9, 33), (2, 3, 130)])
+def test_step_kernel_matches_reference_on_one_thread_and_on_threads(monkeypatch, dtype, B, D,
+                                                                     H, n_threads):
+    """`STEP_KERNEL` steps against the float64 reference's sequence, and the threaded steps
+    (units split over the threads) bit-identical to the one-thread steps."""
+    T = 4
+    args = make_problem(T, B, D, H, dtype=dtype)
+    y_ref, _, c_ref = fastlstm.lstm_forward(**as_float64(args), backend="numpy")
+    kernel = nb.STEP_KERNEL
+    prepared = kernel.prepare(args["Wx"], args["Wh"], args["b"])
+    outputs = []
+    for threads_from in (2**62, 0):
+        monkeypatch.setattr(nb, "STEP_THREADS_FROM", threads_from)
+        buffers = kernel.new_buffers(prepared, args["h0"], args["c0"])
+        assert buffers.threaded == (threads_from == 0)
+        steps = []
+        for t in range(T):
+            kernel.step(prepared, buffers, args["x"][t])
+            steps.append(buffers.h.copy())
+        outputs.append((np.stack(steps), buffers.c.copy()))
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(outputs[0][0], y_ref, rtol=0, atol=tol)
+    np.testing.assert_allclose(outputs[0][1], c_ref, rtol=0, atol=tol)
+    for one_thread, threaded in zip(outputs[0], outputs[1]):
+        np.testing.assert_array_equal(one_thread, threaded)
