@@ -1538,9 +1538,9 @@ def speed_rank(T, B, D, H):
     Faster than the reference on every benchmark shape and level with the Cython backend, which
     has no JIT start-up and so stays first where it is built. Measured side by side (the
     reference report, docs/bench-report: float32, 2 threads, median ms, numba vs numpy vs
-    cython): forward S1 0.308 vs 2.23 vs 0.316, S2 1.03 vs 5.26 vs 1.18, S3 6.67 vs 15.0 vs
-    6.74, S4 128 vs 214 vs 135, S5 259 vs 342 vs 273; forward+backward S1 0.723 vs 17.4 vs
-    0.652, S3 22.4 vs 53.1 vs 21.2, S4 426 vs 955 vs 452, S5 848 vs 1107 vs 816.
+    cython): forward S1 0.309 vs 2.29 vs 0.282, S2 1.08 vs 6.23 vs 1.09, S3 6.52 vs 14.8 vs
+    6.70, S4 135 vs 238 vs 134, S5 267 vs 362 vs 272; forward+backward S1 0.826 vs 19.5 vs
+    0.749, S3 22.9 vs 53.8 vs 22.6, S4 425 vs 768 vs 432, S5 893 vs 1097 vs 845.
     """
     return 1
 
