@@ -40,10 +40,33 @@ def scratch(name, shape, dtype):
         arrays = _kept.arrays = {}
     array = arrays.get(name)
     if array is None or array.shape != shape or array.dtype != dtype:
-        array = np.empty(shape, dtype)
+        array = aligned_empty(shape, dtype)
         if array.nbytes <= SCRATCH_KEEP_BYTES:
             arrays[name] = array
     return array
+
+
+def aligned_empty(shape, dtype):
+    """np.empty(shape, dtype) starting on a _ALIGN-byte (cache line) boundary.
+
+    malloc aligns to 16 bytes. Elsewhere in a line, every 64-byte vector load of packed weights
+    spans two cache lines, and where two threads write neighbouring ranges of one array (each
+    its own hidden units) they share the line at the boundary at every step. Paired in one
+    process against np.empty, float32, 2 threads: Cython forward S1 0.85x, S2 0.86x, forward+
+    backward S1 0.95x, S2 0.94x; Numba 0.96-0.98x; S3 and B = 8 level.
+    """
+    dtype = np.dtype(dtype)
+    count = math.prod(shape)
+    flat = np.empty(count + _ALIGN // dtype.itemsize, dtype)
+    skip = -flat.__array_interface__["data"][0] % _ALIGN // dtype.itemsize
+    return flat[skip:skip + count].reshape(shape)
+
+
+def aligned_copy(a):
+    """A C-contiguous copy of array `a` (same dtype) from `aligned_empty`."""
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 # Free blocks (1-D uint8 arrays), oldest first, and their total size. A block is released by
@@ -58,13 +81,13 @@ def recycled(shape, dtype):
     """An uninitialised C-contiguous array for a result the caller keeps (an output, the
     forward cache, a gradient). Its memory may have held an earlier result: once an array from
     here and every view of it are gone, its block returns to a pool (RECYCLE_KEEP_BYTES at
-    most) for the next call rather than to the system. Below RECYCLE_MIN_BYTES: np.empty.
+    most) for the next call rather than to the system. Below RECYCLE_MIN_BYTES: `aligned_empty`.
     """
     dtype = np.dtype(dtype)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     if nbytes < RECYCLE_MIN_BYTES:
-        return np.empty(shape, dtype)
+        return aligned_empty(shape, dtype)
     block = _take(nbytes + _ALIGN)
     if block is None:
         block = np.empty(nbytes + _ALIGN, np.uint8)

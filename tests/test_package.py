@@ -1,9 +1,12 @@
 """Package-level behaviour: import, backend discovery, command line, floating-point state."""
 
 import importlib.metadata
+import math
 import re
+import threading
 
 import numpy as np
+import pytest
 
 import fastlstm
 from fresh_python import run_python
@@ -252,5 +255,29 @@ def test_recycled_pool_keeps_at_most_its_limit(monkeypatch):
     small = [_scratch.recycled((1 << 18,), np.float64) for _ in range(4)]  # 2 MiB each
     del small
     assert len(_scratch._free) == 2 and _scratch._free_bytes <= 5 << 20
-    tiny = _scratch.recycled((10,), np.float64)  # below RECYCLE_MIN_BYTES: plain NumPy
-    assert tiny.base is None
+    tiny = _scratch.recycled((10,), np.float64)  # below RECYCLE_MIN_BYTES: not pooled
+    assert tiny.ctypes.data % 64 == 0
+    del tiny
+    assert len(_scratch._free) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 1, 129)])
+def test_kernel_memory_starts_on_a_cache_line(shape, dtype, monkeypatch):
+    """Packed weights and per-thread output ranges must not straddle cache lines by accident
+    (malloc aligns to 16 bytes): scratch, small results and copies start on 64 bytes."""
+    from fastlstm import _scratch
+
+    monkeypatch.setattr(_scratch, "_kept", threading.local())
+
+    source = np.arange(math.prod(shape), dtype=dtype).reshape(shape)
+    for name in ("test/a", "test/b"):  # a second name: not the same cached array
+        kept = _scratch.scratch(name, shape, dtype)
+        assert kept.ctypes.data % 64 == 0 and kept.shape == shape and kept.dtype == dtype
+        assert kept.flags.c_contiguous and kept.flags.writeable
+    small = _scratch.recycled(shape, dtype)
+    assert small.ctypes.data % 64 == 0 and small.shape == shape and small.dtype == dtype
+    copy = _scratch.aligned_copy(source)
+    assert copy.ctypes.data % 64 == 0 and copy.flags.c_contiguous
+    assert np.array_equal(copy, source) and copy.dtype == source.dtype
+    assert not np.shares_memory(copy, source)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _threads
 from .._backends import Backend, state_at_lengths
-from .._scratch import recycled, scratch
+from .._scratch import aligned_copy, aligned_empty, recycled, scratch
 from .._step import StepKernel
 from . import _lstm_cython
 
@@ -61,7 +61,7 @@ def pack(Wh, n_threads=1):
     """
     Wh = np.ascontiguousarray(Wh)
     H = Wh.shape[0]
-    packed = np.empty(_lstm_cython.packed_size(H, H, Wh.dtype.itemsize), Wh.dtype)
+    packed = aligned_empty((_lstm_cython.packed_size(H, H, Wh.dtype.itemsize),), Wh.dtype)
     _lstm_cython.pack_recurrent_weights(Wh, packed, n_threads)
     return PackedWeights(Wh, packed, _lstm_cython.units_per_block(Wh.dtype.itemsize))
 
@@ -82,11 +82,12 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed
         tanh_c = recycled((T, B, H), x.dtype)
         c_last = None
     else:
-        c_store = c0.copy()[np.newaxis]  # c0 on entry, the latest cell state after each call
+        # c0 on entry, the latest cell state after each call
+        c_store = aligned_copy(c0)[np.newaxis]
         tanh_c = np.empty((0, B, H), x.dtype)
         # With lengths, the time loop copies each row's cell state at its last step into c_last
         # (one compare per row and step); rows of length 0 keep c0.
-        c_last = None if lengths is None else c0.copy()
+        c_last = None if lengths is None else aligned_copy(c0)
     if use_matvec(B, n_threads):
         _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last,
                              gates if need_cache else None, lengths, n_threads, packed)
@@ -220,7 +221,7 @@ class StepWeights(NamedTuple):
 
 def _step_prepare(Wx, Wh, b):
     K, H = Wx.shape[0] + Wh.shape[0] + 1, Wh.shape[0]
-    packed = np.empty(_lstm_cython.packed_size(K, H, Wx.itemsize), Wx.dtype)
+    packed = aligned_empty((_lstm_cython.packed_size(K, H, Wx.itemsize),), Wx.dtype)
     _lstm_cython.pack_stacked_weights(np.ascontiguousarray(Wx), np.ascontiguousarray(Wh),
                                       np.ascontiguousarray(b), packed)
     packed.setflags(write=False)
@@ -236,10 +237,10 @@ class _StepBuffers:
     def __init__(self, prepared, h0, c0):
         B, H = h0.shape
         dtype = prepared.packed.dtype
-        self.h = np.array(h0, dtype=dtype, order="C")
-        self.c = np.array(c0, dtype=dtype, order="C")
-        self.xh = np.empty((B, prepared.K), dtype)
-        self.gates = np.empty((B, 4 * H), dtype)
+        self.h = aligned_copy(np.asarray(h0, dtype))
+        self.c = aligned_copy(np.asarray(c0, dtype))
+        self.xh = aligned_empty((B, prepared.K), dtype)
+        self.gates = aligned_empty((B, 4 * H), dtype)
         self.threaded = B * prepared.K * 4 * H * dtype.itemsize >= STEP_THREADS_FROM
 
 

@@ -42,7 +42,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .._backends import Backend
-from .._scratch import recycled, scratch
+from .._scratch import aligned_copy, aligned_empty, recycled, scratch
 from .._step import StepKernel
 from .._threads import blas_threads, get_num_threads
 
@@ -1624,7 +1624,7 @@ def _step_prepare(Wx, Wh, b):
     H = Wh.shape[0]
     V = VECTOR_BYTES // Wx.itemsize
     blocks = (H + V - 1) // V
-    packed = np.empty(blocks * V * 4 * (Wx.shape[0] + H + 1), Wx.dtype)
+    packed = aligned_empty((blocks * V * 4 * (Wx.shape[0] + H + 1),), Wx.dtype)
     _pack_stacked(Wx, Wh, b, packed, 0, blocks)
     return packed
 
@@ -1642,13 +1642,13 @@ class _StepBuffers:
         V = VECTOR_BYTES // dtype.itemsize
         Hp = (H + V - 1) // V * V
         K = packed.size // (4 * Hp)
-        self.h = np.array(h0, dtype=dtype, order="C")
-        self.c = np.array(c0, dtype=dtype, order="C")
-        self.xh = np.empty((B, K), dtype)
+        self.h = aligned_copy(np.asarray(h0, dtype))
+        self.c = aligned_copy(np.asarray(c0, dtype))
+        self.xh = aligned_empty((B, K), dtype)
         self.xh[:, K - 1] = 1
-        self.pre = np.empty((B, 4 * Hp), dtype)
-        self.gates = np.empty((B, 4 * H), dtype)
-        self.tanh_c = np.empty((B, H), dtype)
+        self.pre = aligned_empty((B, 4 * Hp), dtype)
+        self.gates = aligned_empty((B, 4 * H), dtype)
+        self.tanh_c = aligned_empty((B, H), dtype)
         self.threaded = B * packed.nbytes >= STEP_THREADS_FROM
 
 
