@@ -100,6 +100,38 @@ def test_inference_in_chunks_of_time_steps(chunk_steps, n_threads, min_rows_per_
         np.testing.assert_allclose(c_T[row], c_want[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(9, 1, 5, 40), (30, 1, 16, 128), (6, 3, 4, 70)],
+                         ids=lambda s: "T{}B{}D{}H{}".format(*s))
+def test_time_loops_going_on_alone_give_the_same_bits(shape, dtype, monkeypatch):
+    """When a barrier wait has to sleep (the partner thread descheduled), the small-batch time
+    loops go on with thread 0 alone while the others wait for it. With no spinning every wait
+    sleeps, so every call does that after its first step: the same bits as lockstep threads."""
+    monkeypatch.setattr(cython_backend, "MIN_ROWS_PER_THREAD", 10**6)  # the matvec loops
+    args = make_problem(*shape, dtype=dtype)
+    dy, dh_T, dc_T = make_upstream(shape[0], shape[1], shape[3], dtype=dtype)
+    lengths = np.arange(shape[1], dtype=np.intp) % shape[0] + 1
+    fastlstm.set_num_threads(2)
+    try:
+        runs = []
+        for spins in (None, 0):
+            before = _lstm_cython._set_barrier_spins(0) if spins == 0 else None
+            try:
+                y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="cython",
+                                                           return_cache=True)
+                grads = fastlstm.lstm_backward(dy, cache, dh_T, dc_T)
+                inference = fastlstm.lstm_forward(**args, backend="cython")
+                padded = forward_padded(**args, backend="cython", lengths=lengths)
+            finally:
+                if before is not None:
+                    _lstm_cython._set_barrier_spins(before)
+            runs.append((y, h_T, c_T, *grads, *inference, *padded))
+    finally:
+        fastlstm.set_num_threads(None)
+    for lockstep, alone in zip(*runs):
+        np.testing.assert_array_equal(alone, lockstep)
+
+
 def activation_inputs():
     dense = np.linspace(-50, 50, 100_001)
     near_zero = np.linspace(-1e-3, 1e-3, 2_001)

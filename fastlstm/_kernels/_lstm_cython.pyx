@@ -51,6 +51,7 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
     int fastlstm_units_f64()
     int fastlstm_team_size()
 
+    int fastlstm_spins_before_sleep
     ctypedef struct fastlstm_barrier:
         pass
     void fastlstm_barrier_init(fastlstm_barrier *barrier)
@@ -121,6 +122,18 @@ def _set_isa(str wanted):
     Private: for the tests, which run every build against the reference.
     """
     return ISAS[fastlstm_set_isa(ISAS.index(wanted))]
+
+
+def _set_barrier_spins(int spins):
+    """Polls a waiter at the per-step barrier makes before it sleeps; returns the old count.
+
+    Private: the tests set 0, so that every wait sleeps and the time loops go on with one
+    thread after their first step, as they do when the cores are busy elsewhere.
+    """
+    global fastlstm_spins_before_sleep
+    old = fastlstm_spins_before_sleep
+    fastlstm_spins_before_sleep = spins
+    return old
 
 
 def isa():
@@ -390,6 +403,15 @@ cdef inline void _keep_last_cells(const floating *c, floating *c_last,
                    (u_end - u_begin) * sizeof(floating))
 
 
+cdef inline void _wait_for_solo_thread(fastlstm_barrier *barrier) noexcept nogil:
+    """After a time loop that went on with thread 0 alone: the threads that left wait here
+    (asleep after a short spin) until thread 0 is done too. Waiting at the end of the parallel
+    region instead, OpenMP spins for milliseconds, on a core that thread 0 may share: woken
+    after 50 ms idle, the worker was often placed on the caller's core, and S1 forward calls
+    took 9.7 ms (median) instead of 0.25."""
+    fastlstm_barrier_wait(barrier, fastlstm_team_size())
+
+
 cdef void _forward_matvec(const floating *packed, const floating *h0, const floating *c0,
                           floating *gates, floating *y, floating *c_store, floating *tanh_c,
                           Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
@@ -406,12 +428,14 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
     cdef const floating *c_prev
     cdef floating *c
     cdef floating *tc
+    cdef bint went_solo
     cdef fastlstm_barrier barrier
     fastlstm_barrier_init(&barrier)
     with parallel(num_threads=n_threads):
         team = fastlstm_team_size()
         blk_begin = _bound(n_blocks, team, threadid(), 1)
         blk_end = _bound(n_blocks, team, threadid() + 1, 1)
+        went_solo = False
         for t in range(T):
             h_prev = h0 if t == 0 else y + (t - 1) * BH
             c = c_store + t * BH if keep_history else c_store
@@ -435,11 +459,14 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
                              min(H, blk_end * units), H)
             if fastlstm_barrier_wait(&barrier, team):
                 # the cores are busy elsewhere: thread 0 finishes the sequence alone
+                went_solo = True
                 if threadid() != 0:
                     break
                 team = 1
                 blk_begin = 0
                 blk_end = n_blocks
+        if went_solo:
+            _wait_for_solo_thread(&barrier)
 
 
 def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
@@ -575,6 +602,7 @@ cdef void _backward_matvec(const floating *packed_t, const floating *c0,
     cdef Py_ssize_t n_panels = (H + width - 1) // width
     cdef Py_ssize_t u_begin, u_end, blk_begin, blk_end, t, row, step
     cdef int team
+    cdef bint went_solo
     cdef fastlstm_barrier barrier
     fastlstm_barrier_init(&barrier)
     with parallel(num_threads=n_threads):
@@ -583,6 +611,7 @@ cdef void _backward_matvec(const floating *packed_t, const floating *c0,
         blk_end = _bound(n_panels, team, threadid() + 1, 1)
         u_begin = min(H, blk_begin * width)
         u_end = min(H, blk_end * width)
+        went_solo = False
         for t in range(T - 1, -1, -1):
             for row in range(B):
                 step = t * B + row
@@ -596,6 +625,7 @@ cdef void _backward_matvec(const floating *packed_t, const floating *c0,
                                                dc + row * H, da + step * G, u_begin, u_end)
             if fastlstm_barrier_wait(&barrier, team):
                 # the cores are busy elsewhere: thread 0 finishes the sequence alone
+                went_solo = True
                 if threadid() != 0:
                     break
                 team = 1
@@ -610,6 +640,8 @@ cdef void _backward_matvec(const floating *packed_t, const floating *c0,
             else:
                 fastlstm_backward_dh_panels_f64(packed_t, H, B, da + t * B * G, dh, blk_begin,
                                                 blk_end)
+        if went_solo:
+            _wait_for_solo_thread(&barrier)
 
 
 cdef void _backward_batch(const floating *packed_t, const floating *c0, const floating *gates,
