@@ -1,15 +1,18 @@
 """The one place that decides how many threads fastlstm uses.
 
-Every backend gets ``n_threads`` from `resolve_num_threads`, and every call runs inside
-`blas_threads`, which pins the BLAS pools that are loaded in the process (NumPy's and
-SciPy's OpenBLAS are separate libraries with separate pools) to the same count and restores
-the user's setting afterwards. One owner of the cores per call: DESIGN.md §6 measured idle
-OpenBLAS threads starving compiled kernels 13x on 2 cores.
+Every backend gets ``n_threads`` from `get_num_threads`, and runs whatever BLAS it calls inside
+`blas_threads`, which pins the BLAS pools that are loaded in the process (NumPy's and SciPy's
+OpenBLAS are separate libraries with separate pools) to the count it needs and restores the
+user's setting afterwards. One owner of the cores per call: DESIGN.md §6 measured idle OpenBLAS
+threads starving compiled kernels 13x on 2 cores. The kernels that split every time step across
+their threads ask `SoloBackoff` when one thread would serve a call better.
 """
 
 import itertools
+import math
 import os
 import threading
+import time
 
 from threadpoolctl import ThreadpoolController
 
@@ -162,3 +165,67 @@ class blas_threads:
 
     def __exit__(self, *exc_info):
         _exit_block()
+
+
+#: `SoloBackoff` lengths, in calls. A fixed 20 calls made one descheduling of the partner (a
+#: 10.8 ms Numba call at S1) cost ten forward+backward calls at 0.95 instead of 0.65 ms.
+BACKOFF_FIRST = 2
+BACKOFF_MAX = 64
+#: Seconds after which `SoloBackoff` treats the worker threads as asleep, and the most seconds
+#: between calls that it counts as one burst of calls. An OpenMP region on 2 threads here, after
+#: the process slept 15 ms: 0.1 ms; after 20-50 ms: often 4-8 ms (the woken worker was placed on
+#: the caller's core, where the caller's end-of-region spin held it).
+IDLE_SECONDS = 0.010
+BURST_SECONDS = 0.001
+
+
+class SoloBackoff:
+    """Whether a kernel whose threads split each time step runs them, or one thread, next.
+
+    - When a call finds its partner threads mostly absent (the cores busy with other work),
+      the next calls run on one thread: ``first`` calls, doubling while the calls that end a
+      back-off find the partners absent again, up to ``most``. A call whose threads took their
+      shares resets it.
+    - A call that comes alone (not within BURST_SECONDS of the one before) after the threads
+      have been idle for IDLE_SECONDS runs on one thread too, rather than wake them. S1 forward
+      after 50 ms idle, 2 threads: median 1.9-9.8 ms, p90 ~10 ms; one thread: 0.75-0.93 ms.
+      In a burst the first calls wake them.
+
+    The kernels compute every share with the same code on any number of threads, so the
+    results are bit-identical either way.
+    """
+
+    __slots__ = ("first", "most", "left", "next", "clock", "call_end", "team_end")
+
+    def __init__(self, first, most, clock=time.monotonic):
+        self.first = first
+        self.most = most
+        self.left = 0  # calls still to run on one thread
+        self.next = first  # the length of the next back-off
+        self.clock = clock
+        self.call_end = -math.inf  # when the last call ended
+        self.team_end = -math.inf  # when the last call on several threads ended
+
+    def threads(self, n_threads):
+        """The threads the next call runs on, given the n_threads it was asked to use."""
+        if n_threads == 1:
+            return 1
+        if self.left > 0:
+            self.left -= 1
+            return 1
+        now = self.clock()
+        if now - self.team_end > IDLE_SECONDS and now - self.call_end > BURST_SECONDS:
+            return 1
+        return n_threads
+
+    def note(self, n_threads, partners_absent):
+        """Record how a call on n_threads went, as it ends."""
+        self.call_end = self.clock()
+        if n_threads == 1:
+            return  # a one-thread call tells nothing of the partners
+        self.team_end = self.call_end
+        if partners_absent:
+            self.left = self.next
+            self.next = min(2 * self.next, self.most)
+        else:
+            self.next = self.first

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import fastlstm
+from fastlstm import _threads
 from fresh_python import run_python
 from lstm_data import as_float64, make_problem, make_upstream
 
@@ -130,6 +131,33 @@ def test_time_loops_going_on_alone_give_the_same_bits(shape, dtype, monkeypatch)
         fastlstm.set_num_threads(None)
     for lockstep, alone in zip(*runs):
         np.testing.assert_array_equal(alone, lockstep)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(9, 1, 5, 40), (30, 1, 16, 128), (6, 3, 4, 70)],
+                         ids=lambda s: "T{}B{}D{}H{}".format(*s))
+def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monkeypatch):
+    """The back-off (`SoloBackoff`) may run a small-batch call on one thread instead of the
+    threads asked for: the results must not depend on it."""
+    monkeypatch.setattr(cython_backend, "MIN_ROWS_PER_THREAD", 10**6)  # the matvec loops
+    busy = _threads.SoloBackoff(1, 1, clock=lambda: 0.0)
+    busy.note(2, False)  # no idle rule: every call runs on the threads it asks for
+    monkeypatch.setattr(cython_backend, "_backoff", busy)
+    args = make_problem(*shape, dtype=dtype)
+    dy, dh_T, dc_T = make_upstream(shape[0], shape[1], shape[3], dtype=dtype)
+    runs = []
+    for n_threads in (1, 2):
+        fastlstm.set_num_threads(n_threads)
+        try:
+            y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="cython",
+                                                       return_cache=True)
+            grads = fastlstm.lstm_backward(dy, cache, dh_T, dc_T)
+            inference = fastlstm.lstm_forward(**args, backend="cython")
+        finally:
+            fastlstm.set_num_threads(None)
+        runs.append((y, h_T, c_T, *grads, *inference))
+    for one, two in zip(*runs):
+        np.testing.assert_array_equal(one, two)
 
 
 def activation_inputs():

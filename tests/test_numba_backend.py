@@ -16,6 +16,7 @@ if "numba" not in fastlstm.available_backends():
     pytest.skip("numba backend not available", allow_module_level=True)
 
 from fastlstm._kernels import numba_backend as nb  # noqa: E402
+from fastlstm._threads import BACKOFF_FIRST, BACKOFF_MAX, SoloBackoff  # noqa: E402
 from fresh_python import run_python
 from lstm_data import as_float64, make_problem, make_upstream  # noqa: E402
 from test_backends import assert_matches_reference, reference, run  # noqa: E402
@@ -303,8 +304,15 @@ def test_helping_with_every_part_gives_the_same_bits(monkeypatch):
             np.testing.assert_array_equal(a, b)
 
 
+def busy_backoff():
+    """A back-off whose threads ran a moment ago, on a stopped clock (no idle rule)."""
+    backoff = SoloBackoff(BACKOFF_FIRST, BACKOFF_MAX, clock=lambda: 0.0)
+    backoff.note(2, False)
+    return backoff
+
+
 def test_planner_choices(monkeypatch):
-    monkeypatch.setattr(nb, "_split_backoff", 0)
+    monkeypatch.setattr(nb, "_backoff", busy_backoff())
     assert nb._plan(1, 256, 2) == ("split_hidden", 2, True, 2)
     assert nb._plan(1, 256, 1) == ("split_hidden", 1, True, 1)
     assert nb._plan(1, 64, 2) == ("chunks", 1, False, 2)  # small H: a one-row tile
@@ -317,8 +325,7 @@ def test_planner_choices(monkeypatch):
 def test_absent_partner_backs_off_to_one_thread_for_a_while(monkeypatch):
     """Each absence in a row doubles the one-thread back-off (up to its cap); a shared call
     resets it; a one-thread call says nothing about the partner."""
-    monkeypatch.setattr(nb, "_split_backoff", 0)
-    monkeypatch.setattr(nb, "_next_backoff", nb.SPLIT_BACKOFF_FIRST)
+    monkeypatch.setattr(nb, "_backoff", busy_backoff())
     plan = nb._plan(1, 256, 2)
     alone = plan._replace(n_threads=1)
     nb._note_partner(np.array([50, 50]), plan)
@@ -326,18 +333,18 @@ def test_absent_partner_backs_off_to_one_thread_for_a_while(monkeypatch):
 
     def back_off_after_absence():
         nb._note_partner(np.array([98, 2]), plan)
-        plans = [nb._plan(1, 256, 2) for _ in range(nb.SPLIT_BACKOFF_MAX + 1)]
+        plans = [nb._plan(1, 256, 2) for _ in range(BACKOFF_MAX + 1)]
         assert plans[-1] == plan
         return plans.index(plan)
 
     lengths = [back_off_after_absence() for _ in range(8)]
-    assert lengths[0] == nb.SPLIT_BACKOFF_FIRST
-    assert all(b == min(2 * a, nb.SPLIT_BACKOFF_MAX) for a, b in zip(lengths, lengths[1:]))
-    assert lengths[-1] == nb.SPLIT_BACKOFF_MAX
+    assert lengths[0] == BACKOFF_FIRST
+    assert all(b == min(2 * a, BACKOFF_MAX) for a, b in zip(lengths, lengths[1:]))
+    assert lengths[-1] == BACKOFF_MAX
     nb._note_partner(np.array([100, 0]), alone)  # one thread by design, not absence
     assert nb._plan(1, 256, 2) == plan
     nb._note_partner(np.array([50, 50]), plan)
-    assert back_off_after_absence() == nb.SPLIT_BACKOFF_FIRST
+    assert back_off_after_absence() == BACKOFF_FIRST
 
 
 def test_speed_rank_prefers_numba_over_the_reference():

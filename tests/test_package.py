@@ -281,3 +281,38 @@ def test_kernel_memory_starts_on_a_cache_line(shape, dtype, monkeypatch):
     assert copy.ctypes.data % 64 == 0 and copy.flags.c_contiguous
     assert np.array_equal(copy, source) and copy.dtype == source.dtype
     assert not np.shares_memory(copy, source)
+
+
+def test_solo_backoff_idle_burst_and_absence():
+    """One thread for a call that comes alone after the threads idled, and for a while after
+    a call whose partner was absent; threads again within a burst or after a shared call."""
+    from fastlstm._threads import (BACKOFF_FIRST, BACKOFF_MAX, BURST_SECONDS, IDLE_SECONDS,
+                                   SoloBackoff)
+
+    now = [100.0]
+    backoff = SoloBackoff(BACKOFF_FIRST, BACKOFF_MAX, clock=lambda: now[0])
+    assert backoff.threads(1) == 1
+    assert backoff.threads(2) == 1  # the threads never ran: asleep
+    backoff.note(1, False)
+    now[0] += BURST_SECONDS / 2
+    assert backoff.threads(2) == 2  # the next call of a burst wakes them
+    backoff.note(2, False)
+    now[0] += IDLE_SECONDS / 2
+    assert backoff.threads(2) == 2  # still awake
+    backoff.note(2, False)
+    now[0] += 2 * IDLE_SECONDS
+    assert backoff.threads(3) == 1  # alone after idling
+    backoff.note(1, False)
+    now[0] += BURST_SECONDS / 2
+    assert backoff.threads(3) == 3
+    lengths = []
+    for _ in range(8):
+        backoff.note(3, True)  # the partners were absent
+        runs = [backoff.threads(3) for _ in range(BACKOFF_MAX + 1)]
+        assert runs[-1] == 3
+        lengths.append(runs.index(3))
+    assert lengths[0] == BACKOFF_FIRST
+    assert all(b == min(2 * a, BACKOFF_MAX) for a, b in zip(lengths, lengths[1:]))
+    backoff.note(3, False)
+    backoff.note(3, True)
+    assert [backoff.threads(3) for _ in range(BACKOFF_FIRST + 1)] == [1] * BACKOFF_FIRST + [3]

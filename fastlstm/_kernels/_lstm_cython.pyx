@@ -56,6 +56,7 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
         pass
     void fastlstm_barrier_init(fastlstm_barrier *barrier)
     int fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
+    int fastlstm_barrier_solo(const fastlstm_barrier *barrier)
 
     void fastlstm_sigmoid_array_f32(const float *x, float *out, Py_ssize_t n)
     void fastlstm_sigmoid_array_f64(const double *x, double *out, Py_ssize_t n)
@@ -403,6 +404,12 @@ cdef inline void _keep_last_cells(const floating *c, floating *c_last,
                    (u_end - u_begin) * sizeof(floating))
 
 
+cdef inline bint barrier_went_solo(fastlstm_barrier *barrier) noexcept nogil:
+    """After the parallel region: whether a release of `barrier` told the threads to go on
+    alone (the decision is sticky: once a wait slept, every later release repeats it)."""
+    return fastlstm_barrier_solo(barrier)
+
+
 cdef inline void _wait_for_solo_thread(fastlstm_barrier *barrier) noexcept nogil:
     """After a time loop that went on with thread 0 alone: the threads that left wait here
     (asleep after a short spin) until thread 0 is done too. Waiting at the end of the parallel
@@ -412,12 +419,13 @@ cdef inline void _wait_for_solo_thread(fastlstm_barrier *barrier) noexcept nogil
     fastlstm_barrier_wait(barrier, fastlstm_team_size())
 
 
-cdef void _forward_matvec(const floating *packed, const floating *h0, const floating *c0,
+cdef bint _forward_matvec(const floating *packed, const floating *h0, const floating *c0,
                           floating *gates, floating *y, floating *c_store, floating *tanh_c,
                           Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, bint keep_history,
                           int n_threads, const Py_ssize_t *last_steps=NULL,
                           floating *c_last=NULL) noexcept nogil:
-    """The time loop: threads split the hidden-unit blocks, one barrier a step."""
+    """The time loop: threads split the hidden-unit blocks, one barrier a step. Returns
+    whether it went on with thread 0 alone (a partner thread was absent)."""
     cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
     cdef Py_ssize_t G = 4 * H
@@ -467,6 +475,7 @@ cdef void _forward_matvec(const floating *packed, const floating *h0, const floa
                 blk_end = n_blocks
         if went_solo:
             _wait_for_solo_thread(&barrier)
+    return barrier_went_solo(&barrier)
 
 
 def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
@@ -485,18 +494,21 @@ def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floati
     when no history is kept. Caller holds BLAS to one thread.
     Optional, for padded batches: last_steps (B,) and c_last (B, H): c_last[row] receives the
     cell state after step last_steps[row] (rows whose last step is outside [0, T) keep theirs).
+    Returns whether the time loop went on with one thread (a partner thread was absent).
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = h0.shape[1]
     cdef bint keep_history = tanh_c.shape[0] > 0
     cdef floating *tanh_c_ptr = &tanh_c[0, 0, 0] if keep_history else NULL
     cdef const Py_ssize_t *last_steps_ptr = _last_steps(last_steps, c_last, B, H)
     cdef floating *c_last_ptr = &c_last[0, 0] if last_steps_ptr != NULL else NULL
+    cdef bint went_solo
     with nogil:
         _input_projection(&x[0, 0, 0], &Wx[0, 0], &b[0], &gates[0, 0, 0], T * B, D, H,
                           n_threads)
-        _forward_matvec(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0], &y[0, 0, 0],
-                        &c_store[0, 0, 0], tanh_c_ptr, T, B, H, keep_history, n_threads,
-                        last_steps_ptr, c_last_ptr)
+        went_solo = _forward_matvec(&packed[0], &h0[0, 0], &c0[0, 0], &gates[0, 0, 0],
+                                    &y[0, 0, 0], &c_store[0, 0, 0], tanh_c_ptr, T, B, H,
+                                    keep_history, n_threads, last_steps_ptr, c_last_ptr)
+    return went_solo
 
 
 cdef const Py_ssize_t *_last_steps(const Py_ssize_t[::1] last_steps, floating[:, ::1] c_last,
@@ -587,11 +599,12 @@ cdef inline const floating *_c_prev(const floating *c0, const floating *c_all, P
     return c0 + row * H if t == 0 else c_all + ((t - 1) * B + row) * H
 
 
-cdef void _backward_matvec(const floating *packed_t, const floating *c0,
+cdef bint _backward_matvec(const floating *packed_t, const floating *c0,
                            const floating *gates, const floating *c_all, const floating *tanh_c,
                            const floating *dy, floating *da, floating *dh, floating *dc,
                            Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, int n_threads) noexcept nogil:
     """BPTT time loop for small batches: threads split the hidden units, one barrier a step.
+    Returns whether it went on with thread 0 alone (a partner thread was absent).
 
     A thread's da entries (its units, all four gates) need only its own units of dh and dc; its
     units of dh_{t-1} need all of da_t, hence the barrier between; da_t has its own slot per
@@ -642,6 +655,7 @@ cdef void _backward_matvec(const floating *packed_t, const floating *c0,
                                                 blk_end)
         if went_solo:
             _wait_for_solo_thread(&barrier)
+    return barrier_went_solo(&barrier)
 
 
 cdef void _backward_batch(const floating *packed_t, const floating *c0, const floating *gates,
@@ -883,11 +897,13 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
     Outputs: da (T, B, 4H) scratch (gradient of the pre-activations), dx (T, B, D) or None
     (not computed), dWx (D, 4H), dWh (H, 4H), db (4H,). packed_t: Wh arranged by
     `pack_transposed_weights`. gradients_scratch: `tiled_gradients_size` values, or None for
-    BLAS. Caller holds BLAS to one thread.
+    BLAS. Caller holds BLAS to one thread. Returns whether the small-batch time loop went on
+    with one thread (a partner thread was absent; always False for the batch loop).
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], D = x.shape[2], H = Wh.shape[0]
     cdef floating *dx_ptr = NULL if dx is None else &dx[0, 0, 0]
     cdef floating *scratch = NULL
+    cdef bint went_solo = False
     if gradients_scratch is not None:
         if gradients_scratch.shape[0] < _tiled_gradients_size(T, B, D, H,
                                                                2 * _units(<floating *>NULL)):
@@ -896,9 +912,9 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
         scratch = &gradients_scratch[0]
     with nogil:
         if use_matvec:
-            _backward_matvec(&packed_t[0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
-                             &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
-                             T, B, H, n_threads)
+            went_solo = _backward_matvec(&packed_t[0], &c0[0, 0], &gates[0, 0, 0],
+                                         &c_all[0, 0, 0], &tanh_c[0, 0, 0], &dy[0, 0, 0],
+                                         &da[0, 0, 0], &dh[0, 0], &dc[0, 0], T, B, H, n_threads)
         else:
             _backward_batch(&packed_t[0], &c0[0, 0], &gates[0, 0, 0], &c_all[0, 0, 0],
                             &tanh_c[0, 0, 0], &dy[0, 0, 0], &da[0, 0, 0], &dh[0, 0], &dc[0, 0],
@@ -906,6 +922,7 @@ def backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
         _weight_gradients(&x[0, 0, 0], &Wx[0, 0], &h0[0, 0], &y[0, 0, 0], &da[0, 0, 0],
                           dx_ptr, &dWx[0, 0], &dWh[0, 0], &db[0], T, B, D, H, scratch,
                           n_threads)
+    return went_solo
 
 
 # ---- streaming step --------------------------------------------------------------------------

@@ -34,6 +34,10 @@ MIN_ROWS_PER_THREAD = 4
 INFERENCE_GATES_BYTES = 16 << 20
 
 
+#: One-thread runs of the small-batch loops after a call found its partner thread absent.
+_backoff = _threads.SoloBackoff(_threads.BACKOFF_FIRST, _threads.BACKOFF_MAX)
+
+
 def use_matvec(B, n_threads):
     """Whether a batch of B rows runs the small-batch time loops (threads split the hidden units)
     on n_threads threads."""
@@ -124,10 +128,11 @@ def _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, leng
 def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, lengths,
                          n_threads, packed):
     """Threads split the hidden units, a barrier a step, after the input projection as GEMMs on
-    the threads' rows. (``gates`` None: no history; the projection then runs in chunks of steps
-    holding at most INFERENCE_GATES_BYTES.)"""
+    the threads' rows; or one thread, where `_backoff` says so. (``gates`` None: no history; the
+    projection then runs in chunks of steps holding at most INFERENCE_GATES_BYTES.)"""
     T, B, _ = x.shape
     H = Wh.shape[0]
+    n_threads = _backoff.threads(n_threads)
     units = _lstm_cython.units_per_block(x.dtype.itemsize)
     if packed is not None and packed.Wh is Wh and packed.units == units:
         packed_array = packed.packed
@@ -137,19 +142,24 @@ def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates
         _lstm_cython.pack_recurrent_weights(Wh, packed_array, n_threads)
     if gates is not None:
         with _threads.blas_threads(1):
-            _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y, c_store, tanh_c,
-                                 n_threads)
+            went_solo = _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y,
+                                             c_store, tanh_c, n_threads)
+        _backoff.note(n_threads, went_solo)
         return
     chunk = max(1, min(T, INFERENCE_GATES_BYTES // (B * 4 * H * x.itemsize)))
     gates = scratch("cython/gates", (chunk, B, 4 * H), x.dtype)
+    went_solo = False
     with _threads.blas_threads(1):
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
             h_prev = h0 if t0 == 0 else y[t0 - 1]
             # last steps outside this chunk match none of its steps
-            _lstm_cython.forward(x[t0:t1], Wx, Wh, b, packed_array, h_prev, c0,
-                                 gates[: t1 - t0], y[t0:t1], c_store, tanh_c, n_threads,
-                                 None if lengths is None else lengths - 1 - t0, c_last)
+            went_solo |= _lstm_cython.forward(x[t0:t1], Wx, Wh, b, packed_array, h_prev, c0,
+                                              gates[: t1 - t0], y[t0:t1], c_store, tanh_c,
+                                              n_threads,
+                                              None if lengths is None else lengths - 1 - t0,
+                                              c_last)
+    _backoff.note(n_threads, went_solo)
 
 
 def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
@@ -164,6 +174,8 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     dWh = recycled(Wh.shape, x.dtype)
     db = np.empty(Wh.shape[1], x.dtype)
     matvec = use_matvec(B, n_threads)
+    if matvec:
+        n_threads = _backoff.threads(n_threads)
     packed_t = scratch("cython/transposed",
                         (_lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize),), x.dtype)
     _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
@@ -171,8 +183,11 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     gradients_scratch = (scratch("cython/gradients", (scratch_size,), x.dtype) if scratch_size
                          else None)
     with _threads.blas_threads(1):
-        _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh, dc, dx, dWx,
-                              dWh, db, packed_t, matvec, n_threads, gradients_scratch)
+        went_solo = _lstm_cython.backward(dy, x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c, da, dh,
+                                          dc, dx, dWx, dWh, db, packed_t, matvec, n_threads,
+                                          gradients_scratch)
+    if matvec:
+        _backoff.note(n_threads, went_solo)
     return dx, dh, dc, dWx, dWh, db
 
 

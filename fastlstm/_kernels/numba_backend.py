@@ -44,7 +44,7 @@ from numba.extending import intrinsic, overload
 from .._backends import Backend
 from .._scratch import aligned_copy, aligned_empty, recycled, scratch
 from .._step import StepKernel
-from .._threads import blas_threads, get_num_threads
+from .._threads import BACKOFF_FIRST, BACKOFF_MAX, SoloBackoff, blas_threads, get_num_threads
 
 # --------------------------------------------------------------------------------------------
 # Threading layer
@@ -1256,30 +1256,16 @@ MATVEC_MAX_ROWS = 1
 
 #: When a split call finds its partner thread mostly absent (it computed less than this share
 #: of the parts: the cores are busy with other work, and the split was then 1.3–2x slower
-#: than one thread), the next split calls run every part on one thread: the same parts
-#: computed by the same code, so the results are bit-identical either way. The back-off starts
-#: at SPLIT_BACKOFF_FIRST calls and doubles, up to SPLIT_BACKOFF_MAX, while the calls that end
-#: it find the partner absent again. A fixed 20 calls made one descheduling (a 10.8 ms call at
-#: S1) cost ten forward+backward calls at 0.95 instead of 0.65 ms.
+#: than one thread), the next split calls run every part on one thread (`SoloBackoff`): the
+#: same parts computed by the same code, so the results are bit-identical either way.
 SPLIT_MIN_SHARE = 0.25
-SPLIT_BACKOFF_FIRST = 2
-SPLIT_BACKOFF_MAX = 64
-_split_backoff = 0  # split calls left to run on one thread
-_next_backoff = SPLIT_BACKOFF_FIRST
+_backoff = SoloBackoff(BACKOFF_FIRST, BACKOFF_MAX)
 
 
 def _note_partner(parts_done, plan):
-    """Start a back-off if the parts were not shared (see SPLIT_MIN_SHARE); a shared call
-    resets the next back-off to its first length. One-thread calls tell nothing."""
-    global _split_backoff, _next_backoff
-    if plan.n_threads == 1:
-        return
+    """Tell the back-off whether the parts were shared (see SPLIT_MIN_SHARE)."""
     counts = parts_done.tolist()  # a few ints: Python's min and sum beat NumPy's reductions
-    if min(counts) < SPLIT_MIN_SHARE * sum(counts) / len(counts):
-        _split_backoff = _next_backoff
-        _next_backoff = min(2 * _next_backoff, SPLIT_BACKOFF_MAX)
-    else:
-        _next_backoff = SPLIT_BACKOFF_FIRST
+    _backoff.note(plan.n_threads, min(counts) < SPLIT_MIN_SHARE * sum(counts) / len(counts))
 
 
 class Plan(NamedTuple):
@@ -1295,12 +1281,8 @@ class Plan(NamedTuple):
 
 def _plan(B, H, n_threads):
     """The `Plan` for a call of batch B and hidden size H on n_threads threads."""
-    global _split_backoff
     if B == 1 and H >= SPLIT_HIDDEN_MIN_H:
-        if n_threads > 1 and _split_backoff > 0:
-            _split_backoff -= 1
-            return Plan("split_hidden", n_threads, True, 1)
-        return Plan("split_hidden", n_threads, True, n_threads)
+        return Plan("split_hidden", n_threads, True, _backoff.threads(n_threads))
     n_chunks = max(1, min(n_threads, B))
     use_matvec = B // n_chunks <= MATVEC_MAX_ROWS and H >= SPLIT_HIDDEN_MIN_H
     return Plan("chunks", n_chunks, use_matvec, n_threads)
