@@ -189,7 +189,8 @@ class SoloBackoff:
     - A call that comes alone (not within BURST_SECONDS of the one before) after the threads
       have been idle for IDLE_SECONDS runs on one thread too, rather than wake them. S1 forward
       after 50 ms idle, 2 threads: median 1.9-9.8 ms, p90 ~10 ms; one thread: 0.75-0.93 ms.
-      In a burst the first calls wake them.
+      A streaming step (B = 32, D = 128, H = 256) on threads: 143 µs back to back, 5.5 ms
+      after 50 ms idle. In a burst the first calls wake them.
 
     The kernels compute every share with the same code on any number of threads, so the
     results are bit-identical either way.
@@ -218,12 +219,15 @@ class SoloBackoff:
             return 1
         return n_threads
 
-    def note(self, n_threads, partners_absent):
-        """Record how a call on n_threads went, as it ends."""
+    def note(self, n_threads, partners_absent=None):
+        """Record how a call on n_threads went, as it ends (``partners_absent`` None: the kernel
+        does not tell)."""
         self.call_end = self.clock()
         if n_threads == 1:
             return  # a one-thread call tells nothing of the partners
         self.team_end = self.call_end
+        if partners_absent is None:
+            return
         if partners_absent:
             self.left = self.next
             self.next = min(2 * self.next, self.most)

@@ -160,6 +160,28 @@ def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monke
         np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("shape", [(32, 128, 256), (1, 40, 300)],
+                         ids=lambda s: "B{}D{}H{}".format(*s))
+def test_threaded_steps_give_the_same_bits_as_one_thread(shape, monkeypatch):
+    """`SoloBackoff` may run a threaded streaming step on one thread: the same bits."""
+    B, D, H = shape
+    monkeypatch.setattr(cython_backend, "STEP_THREADS_FROM", 0)
+    busy = _threads.SoloBackoff(1, 1, clock=lambda: 0.0)
+    busy.note(2, False)
+    monkeypatch.setattr(cython_backend, "_backoff", busy)
+    layer = fastlstm.LSTM(D, H, backend="cython", dtype=np.float32)
+    inputs = np.random.default_rng(5).standard_normal((5, B, D)).astype(np.float32)
+    runs = []
+    for n_threads in (1, 2):
+        fastlstm.set_num_threads(n_threads)
+        try:
+            state = layer.initial_state(B)
+            runs.append(np.array([layer.step(x_t, state)[0].copy() for x_t in inputs]))
+        finally:
+            fastlstm.set_num_threads(None)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
 def activation_inputs():
     dense = np.linspace(-50, 50, 100_001)
     near_zero = np.linspace(-1e-3, 1e-3, 2_001)

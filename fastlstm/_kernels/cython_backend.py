@@ -34,7 +34,7 @@ MIN_ROWS_PER_THREAD = 4
 INFERENCE_GATES_BYTES = 16 << 20
 
 
-#: One-thread runs of the small-batch loops after a call found its partner thread absent.
+#: When the small-batch loops and the threaded steps run on one thread (`_threads.SoloBackoff`).
 _backoff = _threads.SoloBackoff(_threads.BACKOFF_FIRST, _threads.BACKOFF_MAX)
 
 
@@ -265,9 +265,11 @@ def _step(prepared, buffers, x_t):
     packs the weights at every call; its product alone, float32, against these whole steps:
     1 thread 1.1-1.5x slower at S3-S5, 1.5-4.7x at B <= 16; 2 threads 1.2-3.9x slower at
     S1-S5, where the tiles match or beat torch's LSTMCell.)"""
-    n_threads = _threads.get_num_threads() if buffers.threaded else 1
+    n_threads = _backoff.threads(_threads.get_num_threads()) if buffers.threaded else 1
     _lstm_cython.stacked_step(x_t, prepared.packed, prepared.units, buffers.xh, buffers.gates,
                               buffers.h, buffers.c, n_threads)
+    if buffers.threaded:
+        _backoff.note(n_threads)
 
 
 STEP_KERNEL = StepKernel(_step_prepare, _StepBuffers, _step)

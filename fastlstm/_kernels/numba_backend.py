@@ -1637,12 +1637,14 @@ class _StepBuffers:
 def _step(packed, buffers, x_t):
     """h, c <- LSTM step of (x_t, h, c) by the forward tiles, on threads for large steps."""
     b = buffers
-    n_threads = _usable_threads(get_num_threads()) if b.threaded else 1
+    n_threads = _backoff.threads(_usable_threads(get_num_threads())) if b.threaded else 1
     if n_threads == 1:
         _step_one_thread(x_t, packed, b.xh, b.pre, b.gates, b.tanh_c, b.h, b.c)
-        return
-    with _numba_threads(n_threads):
-        _step_threads(x_t, packed, b.xh, b.pre, b.gates, b.tanh_c, b.h, b.c, n_threads)
+    else:
+        with _numba_threads(n_threads):
+            _step_threads(x_t, packed, b.xh, b.pre, b.gates, b.tanh_c, b.h, b.c, n_threads)
+    if b.threaded:
+        _backoff.note(n_threads)
 
 
 STEP_KERNEL = StepKernel(_step_prepare, _StepBuffers, _step)
