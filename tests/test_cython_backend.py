@@ -134,7 +134,8 @@ def test_time_loops_going_on_alone_give_the_same_bits(shape, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(9, 1, 5, 40), (30, 1, 16, 128), (6, 3, 4, 70)],
+@pytest.mark.parametrize("shape", [(9, 1, 5, 40), (30, 1, 16, 128), (6, 3, 4, 70),
+                                   (1030, 2, 5, 7)],  # T·B > 2048: gradients on BLAS
                          ids=lambda s: "T{}B{}D{}H{}".format(*s))
 def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monkeypatch):
     """The back-off (`SoloBackoff`) may run a small-batch call on one thread instead of the

@@ -404,18 +404,12 @@ cdef inline void _keep_last_cells(const floating *c, floating *c_last,
                    (u_end - u_begin) * sizeof(floating))
 
 
-cdef inline bint barrier_went_solo(fastlstm_barrier *barrier) noexcept nogil:
-    """After the parallel region: whether a release of `barrier` told the threads to go on
-    alone (the decision is sticky: once a wait slept, every later release repeats it)."""
-    return fastlstm_barrier_solo(barrier)
-
-
 cdef inline void _wait_for_solo_thread(fastlstm_barrier *barrier) noexcept nogil:
     """After a time loop that went on with thread 0 alone: the threads that left wait here
-    (asleep after a short spin) until thread 0 is done too. Waiting at the end of the parallel
-    region instead, OpenMP spins for milliseconds, on a core that thread 0 may share: woken
-    after 50 ms idle, the worker was often placed on the caller's core, and S1 forward calls
-    took 9.7 ms (median) instead of 0.25."""
+    (asleep after a short spin) until thread 0 is done too. At the end of the parallel region
+    OpenMP spins for milliseconds instead, on a core that thread 0 may share (a worker woken
+    after 50 ms idle was often placed on the caller's core): S1 forward calls 50 ms apart had
+    a 90th percentile of 9.7-10 ms with that spin, 2.0-5.2 ms with this wait."""
     fastlstm_barrier_wait(barrier, fastlstm_team_size())
 
 
@@ -475,7 +469,7 @@ cdef bint _forward_matvec(const floating *packed, const floating *h0, const floa
                 blk_end = n_blocks
         if went_solo:
             _wait_for_solo_thread(&barrier)
-    return barrier_went_solo(&barrier)
+    return fastlstm_barrier_solo(&barrier)
 
 
 def forward(const floating[:, :, ::1] x, const floating[:, ::1] Wx, const floating[:, ::1] Wh,
@@ -655,7 +649,7 @@ cdef bint _backward_matvec(const floating *packed_t, const floating *c0,
                                                 blk_end)
         if went_solo:
             _wait_for_solo_thread(&barrier)
-    return barrier_went_solo(&barrier)
+    return fastlstm_barrier_solo(&barrier)
 
 
 cdef void _backward_batch(const floating *packed_t, const floating *c0, const floating *gates,

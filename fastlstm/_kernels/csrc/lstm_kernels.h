@@ -284,7 +284,8 @@ static int fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
     return __atomic_load_n(&barrier->solo, __ATOMIC_RELAXED);
 }
 
-/* After the threads have left: whether a release told them to go on alone. */
+/* After the threads have left: whether a release told them to go on alone (sticky: once a
+ * wait has slept, every later release repeats it). */
 static int fastlstm_barrier_solo(const fastlstm_barrier *barrier)
 {
     return __atomic_load_n(&barrier->solo, __ATOMIC_RELAXED);
