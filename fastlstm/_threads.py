@@ -171,12 +171,13 @@ class blas_threads:
 #: 10.8 ms Numba call at S1) cost ten forward+backward calls at 0.95 instead of 0.65 ms.
 BACKOFF_FIRST = 2
 BACKOFF_MAX = 64
-#: Seconds after which `SoloBackoff` treats the worker threads as asleep, and the most seconds
-#: between calls that it counts as one burst of calls. An OpenMP region on 2 threads here, after
+#: Seconds after which `SoloBackoff` treats the worker threads as asleep, and the calls in a
+#: row, each within that time of the one before, after which it wakes them again (so that a
+#: forward call and its backward call alone do not). An OpenMP region on 2 threads here, after
 #: the process slept 15 ms: 0.1 ms; after 20-50 ms: often 4-8 ms (the woken worker was placed on
 #: the caller's core, where the caller's end-of-region spin held it).
 IDLE_SECONDS = 0.010
-BURST_SECONDS = 0.001
+WAKE_CALLS = 4
 
 
 class SoloBackoff:
@@ -186,17 +187,17 @@ class SoloBackoff:
       the next calls run on one thread: ``first`` calls, doubling while the calls that end a
       back-off find the partners absent again, up to ``most``. A call whose threads took their
       shares resets it.
-    - A call that comes alone (not within BURST_SECONDS of the one before) after the threads
-      have been idle for IDLE_SECONDS runs on one thread too, rather than wake them. S1 forward
-      after 50 ms idle, 2 threads: median 1.9-9.8 ms, p90 ~10 ms; one thread: 0.75-0.93 ms.
-      A streaming step (B = 32, D = 128, H = 256) on threads: 143 µs back to back, 5.5 ms
-      after 50 ms idle. In a burst the first calls wake them.
+    - When the threads have been idle for IDLE_SECONDS, calls run on one thread too, rather
+      than wake them, until WAKE_CALLS calls have come in a row, each within IDLE_SECONDS of
+      the one before. After 50 ms idle, on 2 threads: S1 forward median 1.9-9.8 ms, p90
+      ~10 ms (one thread: 0.75-0.93 ms); S1 forward+backward p90 13.8 ms (one thread: 2.1 ms);
+      a streaming step at (B, D, H) = (32, 128, 256) 5.5 ms (143 µs back to back).
 
     The kernels compute every share with the same code on any number of threads, so the
     results are bit-identical either way.
     """
 
-    __slots__ = ("first", "most", "left", "next", "clock", "call_end", "team_end")
+    __slots__ = ("first", "most", "left", "next", "clock", "call_end", "team_end", "in_row")
 
     def __init__(self, first, most, clock=time.monotonic):
         self.first = first
@@ -206,6 +207,7 @@ class SoloBackoff:
         self.clock = clock
         self.call_end = -math.inf  # when the last call ended
         self.team_end = -math.inf  # when the last call on several threads ended
+        self.in_row = 0  # calls in a row, each within IDLE_SECONDS of the one before
 
     def threads(self, n_threads):
         """The threads the next call runs on, given the n_threads it was asked to use."""
@@ -215,7 +217,8 @@ class SoloBackoff:
             self.left -= 1
             return 1
         now = self.clock()
-        if now - self.team_end > IDLE_SECONDS and now - self.call_end > BURST_SECONDS:
+        self.in_row = self.in_row + 1 if now - self.call_end <= IDLE_SECONDS else 1
+        if now - self.team_end > IDLE_SECONDS and self.in_row < WAKE_CALLS:
             return 1
         return n_threads
 

@@ -284,27 +284,27 @@ def test_kernel_memory_starts_on_a_cache_line(shape, dtype, monkeypatch):
 
 
 def test_solo_backoff_idle_burst_and_absence():
-    """One thread for a call that comes alone after the threads idled, and for a while after
-    a call whose partner was absent; threads again within a burst or after a shared call."""
-    from fastlstm._threads import (BACKOFF_FIRST, BACKOFF_MAX, BURST_SECONDS, IDLE_SECONDS,
-                                   SoloBackoff)
+    """One thread for calls after the threads idled, until calls come close together; and for
+    a while after a call whose partner was absent; threads again after a shared call."""
+    from fastlstm._threads import BACKOFF_FIRST, BACKOFF_MAX, IDLE_SECONDS, WAKE_CALLS, SoloBackoff
 
     now = [100.0]
     backoff = SoloBackoff(BACKOFF_FIRST, BACKOFF_MAX, clock=lambda: now[0])
-    assert backoff.threads(1) == 1
-    assert backoff.threads(2) == 1  # the threads never ran: asleep
-    backoff.note(1, False)
-    now[0] += BURST_SECONDS / 2
-    assert backoff.threads(2) == 2  # the next call of a burst wakes them
-    backoff.note(2, False)
-    now[0] += IDLE_SECONDS / 2
-    assert backoff.threads(2) == 2  # still awake
-    backoff.note(2, False)
-    now[0] += 2 * IDLE_SECONDS
-    assert backoff.threads(3) == 1  # alone after idling
-    backoff.note(1, False)
-    now[0] += BURST_SECONDS / 2
-    assert backoff.threads(3) == 3
+
+    def calls(n_threads, count, gap):
+        used = []
+        for _ in range(count):
+            now[0] += gap
+            used.append(backoff.threads(n_threads))
+            backoff.note(used[-1], False)
+        return used
+
+    assert calls(1, 3, 0) == [1, 1, 1]
+    # the threads never ran: asleep, until WAKE_CALLS calls come in a row
+    assert calls(2, WAKE_CALLS + 1, IDLE_SECONDS / 2) == [1] * (WAKE_CALLS - 1) + [2, 2]
+    assert calls(3, 2, 2 * IDLE_SECONDS) == [1, 1]  # asleep again: calls far apart stay alone
+    # with the last of those, WAKE_CALLS calls in a row
+    assert calls(3, WAKE_CALLS - 1, IDLE_SECONDS / 2) == [1] * (WAKE_CALLS - 2) + [3]
     lengths = []
     for _ in range(8):
         backoff.note(3, True)  # the partners were absent

@@ -1493,8 +1493,10 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
         db = np.empty(4 * H, dy.dtype)
         gradients_scratch = scratch("numba/gradients",
                                     (_tiled_gradients_size(T * B, D, H, dy.itemsize),), dy.dtype)
-        with _numba_threads(n_threads):
-            _weight_gradients_tiled(dgates_rows, x_rows, h_rows, Wx, need_dx, n_threads,
+        # On the time loop's threads: one where the back-off ran the loop on one (the tiles
+        # give the same bits on any number of threads).
+        with _numba_threads(plan.n_threads):
+            _weight_gradients_tiled(dgates_rows, x_rows, h_rows, Wx, need_dx, plan.n_threads,
                                     dx.reshape(-1, D), dWx, dWh, db, gradients_scratch)
         return dx if need_dx else None, dh, dc, dWx, dWh, db
     with blas_threads(1), _numba_threads(n_threads):
