@@ -101,6 +101,14 @@ def test_inference_in_chunks_of_time_steps(chunk_steps, n_threads, min_rows_per_
         np.testing.assert_allclose(c_T[row], c_want[0], rtol=0, atol=1e-6)
 
 
+def always_threads():
+    """A `SoloBackoff` that runs every call on the threads it asks for: no back-off (length 0),
+    and threads that ran a moment ago on a stopped clock (no idle rule)."""
+    backoff = _threads.SoloBackoff(0, 0, clock=lambda: 0.0)
+    backoff.note(2, False)
+    return backoff
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(9, 1, 5, 40), (30, 1, 16, 128), (6, 3, 4, 70)],
                          ids=lambda s: "T{}B{}D{}H{}".format(*s))
@@ -109,6 +117,7 @@ def test_time_loops_going_on_alone_give_the_same_bits(shape, dtype, monkeypatch)
     loops go on with thread 0 alone while the others wait for it. With no spinning every wait
     sleeps, so every call does that after its first step: the same bits as lockstep threads."""
     monkeypatch.setattr(cython_backend, "MIN_ROWS_PER_THREAD", 10**6)  # the matvec loops
+    monkeypatch.setattr(cython_backend, "_backoff", always_threads())
     args = make_problem(*shape, dtype=dtype)
     dy, dh_T, dc_T = make_upstream(shape[0], shape[1], shape[3], dtype=dtype)
     lengths = np.arange(shape[1], dtype=np.intp) % shape[0] + 1
@@ -141,9 +150,7 @@ def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monke
     """The back-off (`SoloBackoff`) may run a small-batch call on one thread instead of the
     threads asked for: the results must not depend on it."""
     monkeypatch.setattr(cython_backend, "MIN_ROWS_PER_THREAD", 10**6)  # the matvec loops
-    busy = _threads.SoloBackoff(1, 1, clock=lambda: 0.0)
-    busy.note(2, False)  # no idle rule: every call runs on the threads it asks for
-    monkeypatch.setattr(cython_backend, "_backoff", busy)
+    monkeypatch.setattr(cython_backend, "_backoff", always_threads())
     args = make_problem(*shape, dtype=dtype)
     dy, dh_T, dc_T = make_upstream(shape[0], shape[1], shape[3], dtype=dtype)
     runs = []
@@ -167,9 +174,7 @@ def test_threaded_steps_give_the_same_bits_as_one_thread(shape, monkeypatch):
     """`SoloBackoff` may run a threaded streaming step on one thread: the same bits."""
     B, D, H = shape
     monkeypatch.setattr(cython_backend, "STEP_THREADS_FROM", 0)
-    busy = _threads.SoloBackoff(1, 1, clock=lambda: 0.0)
-    busy.note(2, False)
-    monkeypatch.setattr(cython_backend, "_backoff", busy)
+    monkeypatch.setattr(cython_backend, "_backoff", always_threads())
     layer = fastlstm.LSTM(D, H, backend="cython", dtype=np.float32)
     inputs = np.random.default_rng(5).standard_normal((5, B, D)).astype(np.float32)
     runs = []
