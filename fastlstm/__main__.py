@@ -69,7 +69,6 @@ def bench(args, argv):
     import numpy as np
 
     from ._bench import report, runner
-    from ._bench.implementations import IMPLEMENTATIONS
     from ._bench.problems import SHAPES
 
     dtype = np.dtype(args.dtype)

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 
 from . import _api, _backends, _interop, _persist, _step
-from ._validation import check_positive_int
+from ._validation import check_positive_int, describe_dtype
 from .train import Gradients
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -43,7 +43,9 @@ def _check_float_array(name, value, dtype, shape, meaning):
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
     if value.dtype != dtype:
-        raise TypeError(f"{name} must have the layer's dtype {dtype}, got {value.dtype}")
+        raise TypeError(
+            f"{name} must have the layer's dtype {dtype}, got {describe_dtype(value.dtype)}"
+        )
     if value.ndim != len(shape) or any(
         want is not None and got != want for got, want in zip(value.shape, shape)
     ):

@@ -23,17 +23,26 @@ def check_positive_int(name, value):
     return value
 
 
+def describe_dtype(dtype):
+    """``dtype`` for an error message, with a way out for byte-swapped floats (arrays read from
+    files or buffers written on big-endian machines)."""
+    if dtype.newbyteorder("=") in FLOAT_DTYPES and not dtype.isnative:
+        return f"{dtype} (byte-swapped; convert with .astype(np.{dtype.name}))"
+    return str(dtype)
+
+
 def check_array(name, value, ndim):
     """Require a NumPy array of real floating dtype with ``ndim`` dimensions."""
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must have dtype float32 or float64, got {value.dtype}"
+            f"{name} must have dtype float32 or float64, got {describe_dtype(value.dtype)}"
         )
     if value.ndim != ndim:
         raise ValueError(
-            f"{name} must have {ndim} dimensions, got {value.ndim} (shape {value.shape})"
+            f"{name} must have {ndim} dimension{'s' if ndim != 1 else ''}, got {value.ndim} "
+            f"(shape {value.shape})"
         )
     return value
 

@@ -235,6 +235,9 @@ def test_bad_state(small_layer):
 def test_bad_x(small_layer):
     with pytest.raises(TypeError, match=r"x must have the layer's dtype float32, got float64"):
         small_layer(np.zeros((5, 2, 3)))
+    swapped = np.zeros((5, 2, 3), np.dtype(np.float32).newbyteorder("S"))
+    with pytest.raises(TypeError, match=r"float32, got .f4 \(byte-swapped; .*\(np\.float32\)"):
+        small_layer(swapped)
     with pytest.raises(
         ValueError, match=r"x must have shape \(T, B, input_size\) = \(\?, \?, 3\), got \(5, 2, 4\)"
     ):

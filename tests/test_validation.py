@@ -67,6 +67,18 @@ def test_non_float_dtypes(args, name, dtype):
                    **{name: args[name].astype(dtype)})
 
 
+@pytest.mark.parametrize("dtype", [">f4", ">f8"] if np.little_endian else ["<f4", "<f8"])
+def test_byte_swapped_floats_rejected_with_a_conversion_hint(args, dtype):
+    name = np.dtype(dtype).name
+    overrides = {key: args[key].astype(dtype) for key in ("x", "Wx", "Wh", "b", "h0", "c0")}
+    forward_raises(args, TypeError, "x", "float32 or float64", str(np.dtype(dtype)),
+                   f".astype(np.{name})", **overrides)
+
+
+def test_one_dimensional_argument_named_in_the_singular(args):
+    forward_raises(args, ValueError, "b must have 1 dimension,", b=args["b"][None])
+
+
 @pytest.mark.parametrize("bad", [[[1.0]], 3.0, "x", None])
 @pytest.mark.parametrize("name", ["x", "Wx", "b"])
 def test_non_array_input(args, name, bad):

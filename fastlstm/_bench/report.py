@@ -177,7 +177,7 @@ def write_plot(report, path):
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels([f"{s}\nT{SHAPES[s].T} B{SHAPES[s].B}\nD{SHAPES[s].D} H{SHAPES[s].H}"
                             for s in shapes], fontsize=8)
-        ax.set_ylabel(f"speed-up over naive NumPy (×, higher is faster)")
+        ax.set_ylabel("speed-up over naive NumPy (×, higher is faster)")
         ax.set_title(f"{OP_TITLES[op]}, {report['dtype']}, {report['machine']['threads']} threads")
         ax.legend(fontsize=8)
     fig.suptitle(f"fastlstm {report['machine']['fastlstm']} on {report['machine']['cpu']}",
