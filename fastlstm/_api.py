@@ -25,8 +25,8 @@ class LSTMGrads(NamedTuple):
 class LSTMCache:
     """What `lstm_backward` needs from a forward call; opaque to users.
 
-    It keeps references to the forward call's arrays: modifying them before the backward
-    call changes the gradients.
+    It keeps references to the forward call's inputs: modifying them before the backward
+    call changes the gradients. The y it returned is read-only for the same reason.
 
     Attributes
     ----------
@@ -91,9 +91,22 @@ def lstm_forward(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=F
         Only with ``return_cache=True``.
 
     All arrays share one dtype, float32 or float64, which the outputs keep. Inputs are never
-    modified.
+    modified. With ``return_cache=True``, y is read-only: the compiled backends' cache holds
+    it as the h_{t-1} that `lstm_backward` reads, so changing it in place would change the
+    gradients (``y.copy()`` gives an array to change).
     """
-    return forward_padded(x, Wx, Wh, b, h0, c0, backend=backend, return_cache=return_cache)
+    outputs = forward_padded(x, Wx, Wh, b, h0, c0, backend=backend, return_cache=return_cache)
+    if return_cache:
+        y, h_T, c_T, cache = outputs
+        return read_only_view(y), h_T, c_T, cache
+    return outputs
+
+
+def read_only_view(array):
+    """A view of ``array`` that cannot be written through."""
+    view = array.view()
+    view.setflags(write=False)
+    return view
 
 
 def forward_padded(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=False,

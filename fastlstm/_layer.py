@@ -96,7 +96,8 @@ def _forward(x, weights, h0, c0, backend, need_cells, need_cache=False, lengths=
         if _cell_reader(chosen) is None:
             # This backend cannot expose its cells yet; the reference computes the same numbers.
             chosen = "numpy"
-    y, h_T, c_T, cache = _api.lstm_forward(x, Wx, Wh, b, h0, c0, backend=chosen, return_cache=True)
+    y, h_T, c_T, cache = _api.forward_padded(x, Wx, Wh, b, h0, c0, backend=chosen,
+                                             return_cache=True)
     cells = _cell_reader(cache.backend)(cache._data, c_T) if need_cells else None
     if lengths is not None:
         h_T = _backends.state_at_lengths(y, np.zeros_like(h_T) if h0 is None else h0, lengths)
@@ -296,12 +297,6 @@ def _check_dropout(dropout):
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     return dropout
-
-
-def _read_only_view(array):
-    view = array.view()
-    view.setflags(write=False)
-    return view
 
 
 class TrainCache:
@@ -554,7 +549,7 @@ class LSTM:
         Index ``layer·num_directions + direction``, as for ``h_n``. They show the current
         values; `parameters` gives the same arrays, writeable, by name.
         """
-        return tuple(tuple(_read_only_view(w) for w in triple) for triple in self._weights)
+        return tuple(tuple(_api.read_only_view(w) for w in triple) for triple in self._weights)
 
     def parameters(self):
         """The layer's own weight arrays by name, writeable, for optimizers to update in place.
@@ -737,8 +732,10 @@ class LSTM:
 
         Returns
         -------
-        y : ndarray
-            As for calling the layer (with dropout between layers, the same otherwise).
+        y : ndarray, read-only
+            As for calling the layer (with dropout between layers, the same otherwise). The
+            cache may hold it as the last layer's h_{t-1}, so it cannot be changed in place
+            (``y.copy()`` gives an array to change).
         (h_n, c_n) : ndarrays, shape (num_layers·num_directions, B, H)
         cache : TrainCache
             For `backward`.
@@ -749,7 +746,7 @@ class LSTM:
         if self._dropout and self._num_layers > 1:
             rng = self._rng if rng is None else np.random.default_rng(rng)
         y, h_n, c_n, _, cache = self._run(x, h0, c0, plan, training=True, rng=rng)
-        return self._finish(y), (h_n, c_n), cache
+        return _api.read_only_view(self._finish(y)), (h_n, c_n), cache
 
     def backward(self, dy, cache, dh_n=None, dc_n=None, *, need_dx=True):
         """Backpropagation through time through every layer and direction of `forward_train`.
@@ -832,7 +829,7 @@ class LSTM:
         return cache._batch_shape
 
     def _finish(self, sequence):
-        """Back to the caller's layout, as a fresh C-contiguous array."""
+        """Back to the caller's layout, C-contiguous (copied only where the layout changes)."""
         if self._batch_first:
             sequence = sequence.swapaxes(0, 1)
         return np.ascontiguousarray(sequence)

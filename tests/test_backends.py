@@ -130,6 +130,26 @@ def test_outputs_do_not_alias_inputs(backend, T):
     assert not np.shares_memory(h_T, args["h0"]) and not np.shares_memory(c_T, args["c0"])
 
 
+@pytest.mark.parametrize("T", [0, 4])
+def test_outputs_a_cache_reads_cannot_change_its_gradients(backend, T):
+    """y is the h_{t-1} history that backward reads (the compiled backends keep no copy), so
+    it comes back read-only; h_T and c_T are the caller's own."""
+    args = make_problem(T, 3, 4, 6, np.float32, seed=5)
+    dy, dh_T, dc_T = make_upstream(T, 3, 6, np.float32)
+    y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend=backend, return_cache=True)
+    expected = fastlstm.lstm_backward(dy, cache, dh_T, dc_T)
+    assert not y.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        y[...] = 0
+    h_T[...] = 7.0
+    c_T[...] = 7.0
+    y.copy()[...] = 0
+    for got, want in zip(fastlstm.lstm_backward(dy, cache, dh_T=dh_T, dc_T=dc_T), expected):
+        np.testing.assert_array_equal(got, want)
+    y_plain = fastlstm.lstm_forward(**args, backend=backend)[0]
+    assert y_plain.flags.writeable
+
+
 def test_read_only_and_non_contiguous_inputs(backend):
     T, B, D, H = 6, 3, 5, 7
     args = make_problem(T, B, D, H, np.float32, seed=11)

@@ -365,6 +365,30 @@ def test_backward_without_dx_gives_the_same_parameter_gradients(backend, config,
     np.testing.assert_array_equal(without.dc0, full.dc0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(num_layers=2), dict(bidirectional=True), dict(batch_first=True)],
+    ids=str,
+)
+def test_forward_train_outputs_cannot_change_the_gradients(backend, config):
+    # The last layer's cache may hold y as its h_{t-1}: y is read-only, h_n and c_n are copies.
+    layer = LSTM(4, 6, seed=2, backend=backend, **config)
+    x, state, _, upstream = problem(layer, 5, 3)
+    y, (h_n, c_n), cache = layer.forward_train(x, state)
+    expected = layer.backward(upstream[0], cache, *upstream[1:])
+    assert not y.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        y[...] = 0
+    h_n[...] = 7.0
+    c_n[...] = 7.0
+    got = layer.backward(upstream[0], cache, *upstream[1:])
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    np.testing.assert_array_equal(got.dx, expected.dx)
+    assert layer(x, state)[0].flags.writeable
+
+
 def test_gradients_dict_and_attributes():
     layer = LSTM(3, 4, seed=12)
     x = rand((2, 5, 3), 3, dtype=np.float32)
