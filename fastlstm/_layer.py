@@ -335,13 +335,15 @@ class LSTMState:
         Copies of the current hidden and cell states.
     """
 
-    __slots__ = ("_layer", "_kernel", "_prepared", "_buffers", "batch_size")
+    __slots__ = ("_layer", "_kernel", "_prepared", "_buffers", "_output", "batch_size")
 
     def __init__(self, layer, kernel, prepared, buffers, batch_size):
         self._layer = layer
         self._kernel = kernel
         self._prepared = prepared  # per layer: the step kernel's copy of the weights
         self._buffers = buffers
+        # what `LSTM.step` returns: the last layer's h, which the next step reads as h_{t-1}
+        self._output = _api.read_only_view(buffers[-1].h)
         self.batch_size = batch_size
 
     @property
@@ -908,9 +910,9 @@ class LSTM:
 
         Returns
         -------
-        y_t : ndarray, shape (B, H)
-            The last layer's h_t. It is a view into ``state``'s buffers that the next step
-            overwrites: copy it to keep it.
+        y_t : ndarray, shape (B, H), read-only
+            The last layer's h_t: a view into ``state``'s buffers, which the next step reads
+            as h_{t-1} and then overwrites. Copy it to keep or change it.
         state : LSTMState
             The same object, now at time t.
         """
@@ -937,7 +939,7 @@ class LSTM:
         for weights, buffers in zip(state._prepared, state._buffers):
             step(weights, buffers, layer_input)
             layer_input = buffers.h
-        return layer_input, state
+        return state._output, state
 
     # ------------------------------------------------------------------ persistence
 

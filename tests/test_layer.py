@@ -322,6 +322,22 @@ def test_steps_match_the_sequence_call(dtype, num_layers, backend):
     np.testing.assert_allclose(state.c, c_n, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_output_is_a_read_only_view_of_the_state(num_layers, backend):
+    # y_t is the h_{t-1} of the next step: a write through it would change the stream.
+    layer = LSTM(3, 5, num_layers, seed=4, backend=backend)
+    state = layer.initial_state(2)
+    x = random_input((2, 2, 3), np.float32)
+    y_t, state = layer.step(x[0], state)
+    assert not y_t.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        y_t[...] = 100.0
+    np.testing.assert_array_equal(y_t, state.h[-1])
+    y_next, _ = layer.step(x[1], state)
+    np.testing.assert_allclose(y_next, layer(x, None)[0][1], rtol=0, atol=TOL[np.dtype(np.float32)])
+
+
 def traced_steps(layer, steps, warm_up_steps=5, batch_size=1):
     """(bytes kept, peak bytes above the start) of tracemalloc over ``steps`` warm steps."""
     inputs = list(random_input((steps + warm_up_steps, batch_size, layer.input_size), np.float32))
