@@ -62,6 +62,16 @@ _lock = threading.Lock()
 _loaded = {}
 _load_errors = {}
 
+#: Backends that cannot run in a process forked after they started something (see
+#: `fastlstm._threads.note_started`).
+_FORK_UNSAFE = {"numba": _threads.NUMBA_POOL}
+
+
+def _fork_reason(name):
+    """Why backend ``name`` cannot run in this forked process, or None."""
+    started = _FORK_UNSAFE.get(name)
+    return None if started is None else _threads.fork_conflict(started, name)
+
 
 def _load(name):
     backend = _loaded.get(name)
@@ -86,13 +96,20 @@ def available_backends():
     tuple of str
         A subset of ``("numpy", "numba", "cython")``, in that order.
     """
-    return tuple(name for name in BACKEND_MODULES if _load(name) is not None)
+    return tuple(
+        name for name in BACKEND_MODULES if _load(name) is not None and _fork_reason(name) is None
+    )
 
 
 def unavailable_backends():
-    """Map of backend name to the reason it could not be loaded."""
+    """Map of backend name to the reason it cannot run in this process."""
     available_backends()
-    return dict(_load_errors)
+    reasons = dict(_load_errors)
+    for name in _loaded:
+        reason = _fork_reason(name)
+        if reason is not None:
+            reasons[name] = reason
+    return reasons
 
 
 def get_backend(name, shape):
@@ -103,8 +120,9 @@ def get_backend(name, shape):
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str or None, got {type(name).__name__}")
     backend = _load(name) if name in BACKEND_MODULES else None
-    if backend is None:
-        reason = f" ({_load_errors[name]})" if name in _load_errors else ""
+    if backend is None or _fork_reason(name) is not None:
+        reasons = unavailable_backends()
+        reason = f" ({reasons[name]})" if name in reasons else ""
         raise ValueError(
             f"backend {name!r} is not available{reason}; "
             f"available backends: {available_backends()}"

@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+import warnings
 
 from threadpoolctl import ThreadpoolController
 
@@ -42,8 +43,73 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """Number of threads fastlstm calls use (see `set_num_threads`)."""
-    return _num_threads if _num_threads is not None else _cores_available()
+    """Number of threads fastlstm calls use (see `set_num_threads`).
+
+    1 in a process forked after fastlstm had started OpenMP threads (see `note_started`).
+    """
+    n = _num_threads if _num_threads is not None else _cores_available()
+    if n > 1 and OPENMP_TEAM in _started_before_fork:
+        _warn_one_thread_after_fork()
+        return 1
+    return n
+
+
+#: What a kernel may have started, that a process forked afterwards cannot use. GNU OpenMP
+#: keeps its thread team across fork() without the threads: a forked child's first region on
+#: several threads waited forever (one thread runs). Numba's OpenMP layer kills such a child
+#: (SIGTERM) at its first parallel launch, whatever the thread count.
+OPENMP_TEAM = "OpenMP threads"
+NUMBA_POOL = "Numba's OpenMP thread pool"
+_started = set()
+_started_before_fork = frozenset()
+_warned_after_fork = False
+
+
+def note_started(what, n_threads):
+    """Record that a kernel about to run on ``n_threads`` threads starts ``what`` (OpenMP
+    threads start only for several; Numba's pool at its first launch, for any count)."""
+    if n_threads > 1 or what != OPENMP_TEAM:
+        _started.add(what)
+
+
+def fork_conflict(what, user):
+    """Why ``user`` (a backend's name) cannot run here, as this process was forked after
+    ``what`` had started in its parent; None where it was not."""
+    if what not in _started_before_fork:
+        return None
+    return (f"this process was forked after {what} had started, which cannot run in a forked "
+            f"child; fork before the first {user} call, or use multiprocessing's 'spawn' or "
+            f"'forkserver' start method")
+
+
+def check_no_fork_conflict(what, user):
+    """Raise RuntimeError where `fork_conflict` gives a reason."""
+    reason = fork_conflict(what, user)
+    if reason is not None:
+        raise RuntimeError(f"{user} backend: {reason}")
+
+
+def _after_fork_in_child():
+    global _started_before_fork
+    _started_before_fork = _started_before_fork | _started
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _warn_one_thread_after_fork():
+    global _warned_after_fork
+    if not _warned_after_fork:
+        _warned_after_fork = True
+        warnings.warn(
+            "fastlstm runs on 1 thread in this process: it was forked after fastlstm had "
+            "started OpenMP threads, which GNU OpenMP cannot start again in a forked child. "
+            "Fork before fastlstm's first call, or use multiprocessing's 'spawn' or "
+            "'forkserver' start method, to keep several threads.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def forget_loaded_libraries():

@@ -63,6 +63,7 @@ def pack(Wh, n_threads=1):
     ``forward(..., packed=...)`` (with that same Wh array; pack again after changing Wh),
     otherwise every forward call packs them (one thread: S2 ~0.07 ms of the call's time, S5 ~3 ms).
     """
+    _threads.note_started(_threads.OPENMP_TEAM, n_threads)
     Wh = np.ascontiguousarray(Wh)
     H = Wh.shape[0]
     packed = aligned_empty((_lstm_cython.packed_size(H, H, Wh.dtype.itemsize),), Wh.dtype)
@@ -77,6 +78,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed
     With ``lengths`` and no cache, the time loop copies each row's cell state at its last step,
     instead of keeping every step's cell state.
     """
+    _threads.note_started(_threads.OPENMP_TEAM, n_threads)
     T, B, _ = x.shape
     H = Wh.shape[0]
     y = recycled((T, B, H), x.dtype)
@@ -164,6 +166,7 @@ def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates
 
 def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     """Backend backward: see `fastlstm._backends.Backend`."""
+    _threads.note_started(_threads.OPENMP_TEAM, n_threads)
     x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c = cache
     T, B, _ = x.shape
     da = scratch("cython/da", gates.shape, gates.dtype)
@@ -266,6 +269,8 @@ def _step(prepared, buffers, x_t):
     1 thread 1.1-1.5x slower at S3-S5, 1.5-4.7x at B <= 16; 2 threads 1.2-3.9x slower at
     S1-S5, where the tiles match or beat torch's LSTMCell.)"""
     n_threads = _backoff.threads(_threads.get_num_threads()) if buffers.threaded else 1
+    if n_threads > 1:
+        _threads.note_started(_threads.OPENMP_TEAM, n_threads)
     _lstm_cython.stacked_step(x_t, prepared.packed, prepared.units, buffers.xh, buffers.gates,
                               buffers.h, buffers.c, n_threads)
     if buffers.threaded:

@@ -44,7 +44,18 @@ from numba.extending import intrinsic, overload
 from .._backends import Backend
 from .._scratch import aligned_copy, aligned_empty, recycled, scratch
 from .._step import StepKernel
-from .._threads import BACKOFF_FIRST, BACKOFF_MAX, SoloBackoff, blas_threads, get_num_threads
+from .._threads import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    NUMBA_POOL,
+    OPENMP_TEAM,
+    SoloBackoff,
+    blas_threads,
+    check_no_fork_conflict,
+    fork_conflict,
+    get_num_threads,
+    note_started,
+)
 
 # --------------------------------------------------------------------------------------------
 # Threading layer
@@ -1370,8 +1381,16 @@ def threading_layer():
     try:
         return numba.threading_layer()
     except ValueError:
+        _start_pool(1)
         _warm_up_layer(np.zeros(1))
         return numba.threading_layer()
+
+
+def _start_pool(n_threads):
+    """Before a parallel launch: Numba's pool starts at the first (see `note_started`)."""
+    check_no_fork_conflict(NUMBA_POOL, "numba")
+    note_started(NUMBA_POOL, n_threads)
+    note_started(OPENMP_TEAM, n_threads)
 
 
 @njit(parallel=True, cache=True)
@@ -1389,6 +1408,7 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     T, B, D = x.shape
     H = Wh.shape[0]
     dtype = x.dtype
+    _start_pool(n_threads)
     plan = _plan(B, H, _usable_threads(n_threads))
     split = plan.mode == "split_hidden"
     # Per-step storage when cached; the split kernel needs step-unique cells as well, while
@@ -1459,6 +1479,7 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     T, B, H = dy.shape
     D = x_rows.shape[1]
     dy = _writeable(dy)
+    _start_pool(n_threads)
     n_threads = _usable_threads(n_threads)
     plan = _plan(B, H, n_threads)
     split = plan.mode == "split_hidden"
@@ -1640,6 +1661,10 @@ def _step(packed, buffers, x_t):
     """h, c <- LSTM step of (x_t, h, c) by the forward tiles, on threads for large steps."""
     b = buffers
     n_threads = _backoff.threads(_usable_threads(get_num_threads())) if b.threaded else 1
+    if n_threads > 1 and fork_conflict(NUMBA_POOL, "numba") is not None:
+        n_threads = 1  # the one-thread step is no parallel launch, and runs here
+    if n_threads > 1:
+        _start_pool(n_threads)
     if n_threads == 1:
         _step_one_thread(x_t, packed, b.xh, b.pre, b.gates, b.tanh_c, b.h, b.c)
     else:
