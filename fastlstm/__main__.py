@@ -1,7 +1,8 @@
 """Command line.
 
 ``python -m fastlstm`` (or ``info``) prints the version, backends and thread settings;
-``python -m fastlstm bench`` times the backends and the peers side by side and writes a report.
+``python -m fastlstm bench`` times the backends and the peers side by side and writes a report;
+``python -m fastlstm warm`` compiles the numba backend's kernels into Numba's on-disk cache.
 """
 
 import argparse
@@ -101,6 +102,23 @@ def bench(args, argv):
     return 0
 
 
+def warm():
+    """Compile (or load) every numba kernel, so that later processes find them cached."""
+    import time
+
+    if "numba" not in _backends.available_backends():
+        reason = _backends.unavailable_backends().get("numba", "not installed")
+        print(f"numba backend unavailable ({reason}): nothing to compile")
+        return 1
+    from ._kernels import numba_backend
+
+    start = time.perf_counter()
+    calls = numba_backend.warm_up()
+    print(f"numba kernels compiled or loaded by {calls} calls in "
+          f"{time.perf_counter() - start:.1f} s; cached in {numba_backend.cache_dir()}")
+    return 0
+
+
 def main(argv=None):
     from ._bench.implementations import IMPLEMENTATIONS
     from ._bench.problems import DEFAULT_OPS, OPS, SHAPES
@@ -110,6 +128,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("info", help="version, backends and thread settings (the default)")
+    commands.add_parser("warm", help="compile the numba kernels into Numba's on-disk cache, "
+                                     "so that new processes start without compiling")
     run = commands.add_parser("bench", help="time backends and peers, write a report")
     run.add_argument("--shapes", type=_names(list(SHAPES)), default=list(SHAPES),
                      help="comma-separated, from " + ",".join(SHAPES) + " (default: all)")
@@ -129,6 +149,8 @@ def main(argv=None):
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         return bench(args, argv)
+    if args.command == "warm":
+        return warm()
     print("\n".join(describe()))
     return 0
 

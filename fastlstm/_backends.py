@@ -73,6 +73,13 @@ def _fork_reason(name):
     return None if started is None else _threads.fork_conflict(started, name)
 
 
+def _load_error_hint(exc):
+    """What to do about a known failure to load a backend."""
+    if "no locator available" in str(exc):  # Numba's, for cache=True without a writable dir
+        return " (no writable cache directory: set NUMBA_CACHE_DIR to one)"
+    return ""
+
+
 def _load(name):
     backend = _loaded.get(name)
     if backend is not None:  # every call resolves its backend: skip the lock once loaded
@@ -83,7 +90,7 @@ def _load(name):
                 module = importlib.import_module(BACKEND_MODULES[name])
                 _loaded[name] = module.BACKEND
             except Exception as exc:  # any failure to load just makes the backend unavailable
-                _load_errors[name] = f"{type(exc).__name__}: {exc}"
+                _load_errors[name] = f"{type(exc).__name__}: {exc}{_load_error_hint(exc)}"
             _threads.forget_loaded_libraries()
     return _loaded.get(name)
 

@@ -405,6 +405,73 @@ def test_fresh_process_loads_kernels_from_the_cache():
     assert misses == 0 and hits >= 1
 
 
+def test_warm_up_reaches_every_kernel_the_api_runs():
+    """After `warm_up`, a mix of public calls (every planner mode, both dtypes, one and two
+    threads, lengths, layers, streaming steps) compiles or loads nothing more."""
+    code = """
+        import numpy as np, numba, fastlstm
+        from fastlstm import LSTM
+        from fastlstm._kernels import numba_backend as nb
+
+        def signatures():
+            return {name: set(d.signatures) for name, d in vars(nb).items()
+                    if isinstance(d, numba.core.registry.CPUDispatcher)}
+
+        nb.warm_up()
+        warmed = signatures()
+        rng = np.random.default_rng(0)
+        for dtype in (np.float32, np.float64):
+            for T, B, D, H in [(5, 1, 4, 130), (5, 1, 4, 20), (6, 2, 3, 256), (4, 3, 5, 17),
+                               (700, 4, 3, 16), (3, 64, 8, 300)]:
+                x = rng.standard_normal((T, B, D)).astype(dtype)
+                Wx, Wh = (rng.standard_normal(s).astype(dtype) for s in [(D, 4 * H), (H, 4 * H)])
+                b = np.zeros(4 * H, dtype)
+                for n in (1, 2):
+                    fastlstm.set_num_threads(n)
+                    y, _, _, cache = fastlstm.lstm_forward(x, Wx, Wh, b, backend="numba",
+                                                           return_cache=True)
+                    fastlstm.lstm_backward(np.ones_like(y), cache)
+            for config in (dict(), dict(num_layers=2, bidirectional=True)):
+                layer = LSTM(6, 32, dtype=dtype, backend="numba", **config)
+                x = rng.standard_normal((5, 4, 6)).astype(dtype)
+                lengths = np.array([5, 3, 1, 0])
+                layer(x, lengths=lengths)
+                y, _, cache = layer.forward_train(x, lengths=lengths)
+                layer.backward(np.ones_like(y), cache)
+            for B, D, H in ((1, 6, 32), (32, 128, 256)):
+                layer = LSTM(D, H, dtype=dtype, backend="numba")
+                state = layer.initial_state(B)
+                for _ in range(6):
+                    layer.step(np.ones((B, D), dtype), state)
+        new = {name: sorted(map(str, sigs - warmed[name]))
+               for name, sigs in signatures().items() if sigs - warmed[name]}
+        print(new)
+    """
+    assert run_in_fresh_process(code) == "{}"
+
+
+def test_warm_command():
+    out = run_python(["-m", "fastlstm", "warm"]).stdout
+    assert "numba kernels compiled or loaded by" in out and "cached in" in out
+
+
+def test_no_writable_cache_directory_leaves_the_backend_out():
+    # Numba raises at the first cache=True kernel when it finds no writable directory.
+    out = run_python("""
+        import numba.core.caching as caching
+        for locator in caching.CacheImpl._locator_classes:
+            locator.from_function = classmethod(lambda cls, function, path: None)
+        import numpy as np, fastlstm
+        from fastlstm.__main__ import describe
+        x, W = np.ones((3, 1, 2), np.float32), np.ones((2, 8), np.float32)
+        fastlstm.lstm_forward(x, W, W, np.ones(8, np.float32))
+        print(fastlstm.available_backends())
+        print("\\n".join(describe()))
+    """).stdout
+    assert "'numba'" not in out.splitlines()[0]
+    assert "numba: unavailable" in out and "NUMBA_CACHE_DIR" in out
+
+
 def test_read_only_inputs_add_no_specialisation():
     args = make_problem(6, 3, 4, 5, np.float32, seed=2)
     dy, dh_T, dc_T = make_upstream(6, 3, 5, np.float32)

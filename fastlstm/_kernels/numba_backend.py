@@ -29,6 +29,7 @@ after a call starved Numba's threads 13x (DESIGN.md §6). `n_threads` sets Numba
 the call. Results depend only on the inputs and the thread count, never on timing.
 """
 
+import itertools
 import math
 import os
 from typing import NamedTuple
@@ -1675,3 +1676,79 @@ def _step(packed, buffers, x_t):
 
 
 STEP_KERNEL = StepKernel(_step_prepare, _StepBuffers, _step)
+
+
+# --------------------------------------------------------------------------------------------
+# Warm-up
+# --------------------------------------------------------------------------------------------
+
+#: (T, B, D, H) calls that reach every kernel: split hidden units (B = 1, H >= 128), one row
+#: per thread (B = 2), row tiles (B = 5, small H), and the BLAS weight gradients (T·B above
+#: TILED_GRADIENTS_MAX_ROWS).
+_WARM_UP_SHAPES = ((3, 1, 3, SPLIT_HIDDEN_MIN_H), (3, 2, 3, SPLIT_HIDDEN_MIN_H), (3, 5, 3, 16),
+                   (TILED_GRADIENTS_MAX_ROWS // 4 + 1, 5, 3, 16))
+
+
+def warm_up():
+    """Compile every kernel of this backend, or load it from Numba's cache, for float32 and
+    float64: forward with and without a cache and lengths, backward with and without dx, and
+    streaming steps, on one thread and on several (as many as Numba has, up to 2). Returns the
+    number of calls made. For a process of its own (`python -m fastlstm warm`): meanwhile,
+    other threads' calls would run without the back-off.
+
+    A process that finds them cached starts in well under a second (S1: import plus the first
+    forward 0.5 s here, against 13.5 s compiling), so a service image runs this once.
+    """
+    global _backoff
+    n_threads = [1] + ([2] if numba.config.NUMBA_NUM_THREADS >= 2 else [])
+    saved, _backoff = _backoff, SoloBackoff(0, 0, clock=lambda: 0.0)
+    _backoff.note(2, False)  # every call on the threads it asks for: no back-off, no idle rule
+    calls = 0
+    try:
+        for dtype, n in itertools.product((np.float32, np.float64), n_threads):
+            for T, B, D, H in _WARM_UP_SHAPES:
+                calls += _warm_up_calls(T, B, D, H, dtype, n)
+            calls += _warm_up_step(dtype, n)
+    finally:
+        _backoff = saved
+    return calls
+
+
+def cache_dir():
+    """The directory where Numba caches this backend's kernels (it picks the first writable one
+    of: next to this module, NUMBA_CACHE_DIR when set instead, the user's cache directory)."""
+    return _warm_up_layer._cache.cache_path
+
+
+def _warm_up_calls(T, B, D, H, dtype, n_threads):
+    """The forward and backward calls of `warm_up` for one shape; returns how many."""
+    x, h0, c0 = (np.zeros(s, dtype) for s in ((T, B, D), (B, H), (B, H)))
+    Wx, Wh, b = (np.zeros(s, dtype) for s in ((D, 4 * H), (H, 4 * H), 4 * H))
+    lengths = np.full(B, T, np.intp)
+    for need_cache, with_lengths in itertools.product((False, True), repeat=2):
+        forward(x, Wx, Wh, b, h0, c0, need_cache=need_cache, n_threads=n_threads,
+                lengths=lengths if with_lengths else None)
+    *_, cache = forward(x, Wx, Wh, b, h0, c0, need_cache=True, n_threads=n_threads)
+    for need_dx in (True, False):
+        backward(np.zeros((T, B, H), dtype), h0, c0, cache, n_threads=n_threads, need_dx=need_dx)
+    return 7
+
+
+def _warm_up_step(dtype, n_threads):
+    """A streaming step of `warm_up` (its weights prepared writeable, and read-only as a
+    layer's are); returns 1."""
+    B, D, H = 32, 128, 256
+    weights = [np.zeros(s, dtype) for s in ((D, 4 * H), (H, 4 * H), 4 * H)]
+    packed = _step_prepare(*weights)
+    for w in weights:
+        w.flags.writeable = False
+    _step_prepare(*weights)
+    b = _StepBuffers(packed, np.zeros((B, H), dtype), np.zeros((B, H), dtype))
+    x_t = np.zeros((B, D), dtype)
+    if n_threads == 1:
+        _step_one_thread(x_t, packed, b.xh, b.pre, b.gates, b.tanh_c, b.h, b.c)
+    else:
+        _start_pool(n_threads)
+        with _numba_threads(n_threads):
+            _step_threads(x_t, packed, b.xh, b.pre, b.gates, b.tanh_c, b.h, b.c, n_threads)
+    return 1
