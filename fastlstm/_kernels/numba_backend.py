@@ -1697,7 +1697,7 @@ def warm_up():
     other threads' calls would run without the back-off.
 
     A process that finds them cached starts in well under a second (S1: import plus the first
-    forward 0.5 s here, against 13.5 s compiling), so a service image runs this once.
+    forward 0.5 s here, against 13.7 s compiling), so a service image runs this once.
     """
     global _backoff
     n_threads = [1] + ([2] if numba.config.NUMBA_NUM_THREADS >= 2 else [])
@@ -1715,8 +1715,8 @@ def warm_up():
 
 
 def cache_dir():
-    """The directory where Numba caches this backend's kernels (it picks the first writable one
-    of: next to this module, NUMBA_CACHE_DIR when set instead, the user's cache directory)."""
+    """The directory where Numba caches this backend's kernels: NUMBA_CACHE_DIR when set, else
+    next to this module if writable, else the user's cache directory."""
     return _warm_up_layer._cache.cache_path
 
 
