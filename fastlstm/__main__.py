@@ -29,6 +29,11 @@ def describe():
         lines.append(f"compiled extensions: built, OpenMP {openmp}")
     except ImportError as exc:
         lines.append(f"compiled extensions: missing ({exc})")
+    if "numba" in _backends.available_backends():
+        from ._kernels import numba_backend
+
+        lines.append(f"numba kernel cache: {numba_backend.cache_dir()} "
+                     "(python -m fastlstm warm fills it)")
     if "cython" in _backends.available_backends():
         from ._kernels import _lstm_cython
 

@@ -14,9 +14,9 @@ from fresh_python import run_python
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this platform")
 
-# Runs a forward and backward call (and a streaming step) per backend in the parent, unless
-# PARENT_RUNS is empty, then forks a child that does the same and reports what it saw. The
-# child may not finish: the parent waits up to 120 s, then kills it.
+# The parent runs a forward and a backward call with each backend named in argv[1] (and a
+# streaming step with the last), then forks a child that does the same and reports what it
+# saw. The child may not finish: the parent waits up to 120 s, then kills it.
 SCENARIO = """
     import json, multiprocessing, sys, warnings
     import numpy as np

@@ -56,6 +56,10 @@ def test_command_line_info():
         from fastlstm._kernels import _lstm_cython
 
         assert f"cython kernels: {_lstm_cython.isa()} build" in result.stdout
+    if "numba" in fastlstm.available_backends():
+        from fastlstm._kernels import numba_backend
+
+        assert f"numba kernel cache: {numba_backend.cache_dir()}" in result.stdout
 
 
 def test_denormals_survive_import_and_every_backend():
