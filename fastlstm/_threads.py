@@ -45,7 +45,8 @@ def set_num_threads(n):
 def get_num_threads():
     """Number of threads fastlstm calls use (see `set_num_threads`).
 
-    1 in a process forked after fastlstm had started OpenMP threads (see `note_started`).
+    1 in a process forked after fastlstm had started OpenMP threads, where GNU OpenMP cannot
+    start them again (README, "Forked processes"); a RuntimeWarning says so once.
     """
     n = _num_threads if _num_threads is not None else _cores_available()
     if n > 1 and OPENMP_TEAM in _started_before_fork:
