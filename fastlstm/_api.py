@@ -110,15 +110,19 @@ def read_only_view(array):
 
 
 def forward_padded(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=False,
-                   lengths=None):
-    """`lstm_forward` plus ``lengths`` (for `fastlstm.LSTM`; not public API).
+                   lengths=None, prepared=None):
+    """`lstm_forward` plus ``lengths`` and ``prepared`` (for `fastlstm.LSTM`; not public API).
 
     lengths : intp ndarray, shape (B,), values in [0, T], already validated, or None.
         y covers all T steps of every row, but h_T and c_T are each row's states after its
         first lengths[row] steps (h0, c0 where it is 0), read by the backend without keeping
         every step's state.
+    prepared : `fastlstm._backends.PreparedWeights` of these Wx, Wh, b (C-contiguous), or None.
+        Keeps the backend's arrangements of the weights for the caller's next calls.
     """
     shape, dtype = check_forward_args(x, Wx, Wh, b, h0, c0)
+    if prepared is not None and not prepared.holds(Wx, Wh, b):
+        raise ValueError("prepared must hold these same Wx, Wh and b arrays")
     chosen = _resolve_backend(backend, shape)
     _, B, _, H = shape
     h0 = np.zeros((B, H), dtype) if h0 is None else np.ascontiguousarray(h0)
@@ -133,6 +137,7 @@ def forward_padded(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache
         need_cache=bool(return_cache),
         n_threads=_threads.get_num_threads(),
         lengths=lengths,
+        prepared=prepared,
     )
     if return_cache:
         return y, h_T, c_T, LSTMCache(chosen.name, shape, dtype, data)

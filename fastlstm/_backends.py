@@ -26,7 +26,7 @@ BACKEND_MODULES = {
 class Backend(NamedTuple):
     """What a backend module provides.
 
-    forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None)
+    forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, prepared=None)
         -> (y, h_T, c_T, cache)
     backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True) -> (dx, dh0, dc0, dWx, dWh, db)
 
@@ -36,6 +36,8 @@ class Backend(NamedTuple):
     and c_T are each row's states after its first lengths[row] steps (h0, c0 for 0), as
     `state_at_lengths` reads them from every step's states. The cache is unaffected.
     ``need_dx=False``: the caller needs no input gradient; dx is None and may be skipped.
+    ``prepared``: a `PreparedWeights` of these same Wx, Wh and b, in which a backend keeps the
+    arrangements of the weights its kernels read (None: arrange them for this call only).
     Every BLAS call a backend makes runs inside its own `fastlstm._threads.blas_threads` block
     (``n_threads``, or 1 inside its parallel regions); kernels that call no BLAS skip the
     block, which costs 3.5 µs a call.
@@ -46,6 +48,35 @@ class Backend(NamedTuple):
     forward: Callable
     backward: Callable
     speed_rank: Callable
+
+
+class PreparedWeights:
+    """One (Wx, Wh, b) and the arrangements of it that backends made for their kernels.
+
+    A caller whose weights do not change between calls (`fastlstm.LSTM` while its weights are
+    read-only) keeps one and passes it to every forward call with these same arrays: each
+    arrangement (packed weights) is then made at the first call that needs it instead of at
+    every call, and kept, about as large as the weights, for as long as this object lives.
+    """
+
+    __slots__ = ("Wx", "Wh", "b", "_made")
+
+    def __init__(self, Wx, Wh, b):
+        self.Wx, self.Wh, self.b = Wx, Wh, b
+        self._made = {}
+
+    def holds(self, Wx, Wh, b):
+        """Whether these are the very arrays it was made for."""
+        return self.Wx is Wx and self.Wh is Wh and self.b is b
+
+    def get(self, key):
+        """The arrangement named ``key`` (a backend's own name for it), or None."""
+        return self._made.get(key)
+
+    def keep(self, key, arrangement):
+        """Keep a complete ``arrangement`` as ``key``; returns the one kept (that of another
+        thread whose first call kept one first)."""
+        return self._made.setdefault(key, arrangement)
 
 
 def state_at_lengths(steps, initial, lengths):

@@ -21,6 +21,7 @@ if "cython" not in fastlstm.available_backends():
 
 from fastlstm._kernels import _blas, _lstm_cython, cython_backend  # noqa: E402
 from fastlstm._api import forward_padded  # noqa: E402
+from fastlstm._backends import PreparedWeights  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 TOLERANCE = {np.float64: (1e-10, 1e-10), np.float32: (1e-5, 1e-4)}  # DESIGN.md §3
@@ -248,9 +249,9 @@ def test_pack_layout(H, dtype):
     padded = np.zeros((H, 4, n_blocks * units), dtype)
     padded[:, :, :H] = Wh.reshape(H, 4, H)
     expected = padded.reshape(H, 2, 2, n_blocks, units).transpose(3, 1, 0, 2, 4).ravel()
-    packed = cython_backend.pack(Wh)
-    assert packed.packed.dtype == dtype
-    np.testing.assert_array_equal(packed.packed, expected)
+    packed = cython_backend.recurrent_weights(Wh, n_threads=1)
+    assert packed.dtype == dtype
+    np.testing.assert_array_equal(packed, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -271,16 +272,23 @@ def test_pack_transposed_layout(H, dtype, simd, n_threads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_with_prepacked_weights(dtype):
-    args = make_problem(5, 3, 4, 21, dtype=dtype)
+@pytest.mark.parametrize("B", [1, 9])  # small-batch loops, batch loops (on 2 threads)
+def test_forward_with_prepared_weights(monkeypatch, B, dtype):
+    """Weights packed at the first call with a `PreparedWeights` serve the next calls: the same
+    bits as packing at every call, and no packing after the first."""
+    args = make_problem(5, B, 4, 21, dtype=dtype)
     x, Wx, Wh, b, h0, c0 = (args[k] for k in ("x", "Wx", "Wh", "b", "h0", "c0"))
-    packed = cython_backend.pack(Wh)
-    with_packed = cython_backend.forward(
-        x, Wx, Wh, b, h0, c0, need_cache=False, n_threads=2, packed=packed
-    )
     without = cython_backend.forward(x, Wx, Wh, b, h0, c0, need_cache=False, n_threads=2)
-    for got, want in zip(with_packed[:3], without[:3]):
-        np.testing.assert_array_equal(got, want)
+    prepared = PreparedWeights(Wx, Wh, b)
+    first = cython_backend.forward(x, Wx, Wh, b, h0, c0, need_cache=False, n_threads=2,
+                                   prepared=prepared)
+    for name in ("pack_recurrent_weights", "pack_stacked_weights"):
+        monkeypatch.setattr(_lstm_cython, name, lambda *args: pytest.fail("packed again"))
+    later = cython_backend.forward(x, Wx, Wh, b, h0, c0, need_cache=True, n_threads=2,
+                                   prepared=prepared)
+    for got_first, got_later, want in zip(first[:3], later[:3], without[:3]):
+        np.testing.assert_array_equal(got_first, want)
+        np.testing.assert_array_equal(got_later, want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -343,19 +351,22 @@ def test_simd_default_follows_cpu():
     assert _lstm_cython.simd_active() == _lstm_cython.cpu_has_simd()
 
 
-def test_packed_weights_follow_the_kernel_build():
-    """A `pack` made under one build is not used by another (their block widths differ)."""
+@pytest.mark.parametrize("B", [1, 9])
+def test_prepared_weights_follow_the_kernel_build(B):
+    """Weights packed under one build are not used by another (their block widths differ)."""
     before = _lstm_cython.isa()
-    args = make_problem(5, 2, 3, 37, dtype=np.float32)
+    args = make_problem(5, B, 3, 37, dtype=np.float32)
     expected = fastlstm.lstm_forward(**args, backend="numpy")[0]
     try:
         for made_under in _lstm_cython.ISAS[: _lstm_cython.ISAS.index(_lstm_cython.cpu_isa()) + 1]:
             _lstm_cython._set_isa(made_under)
-            packed = cython_backend.pack(args["Wh"])
+            prepared = PreparedWeights(args["Wx"], args["Wh"], args["b"])
+            cython_backend.forward(*args.values(), need_cache=False, n_threads=2,
+                                   prepared=prepared)
             for used_under in _lstm_cython.ISAS:
                 _lstm_cython._set_isa(used_under)
-                y = cython_backend.forward(*args.values(), need_cache=False, n_threads=1,
-                                           packed=packed)[0]
+                y = cython_backend.forward(*args.values(), need_cache=False, n_threads=2,
+                                           prepared=prepared)[0]
                 np.testing.assert_allclose(y, expected, atol=1e-5)
     finally:
         _lstm_cython._set_isa(before)

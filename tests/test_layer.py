@@ -461,3 +461,50 @@ def test_one_layer_serves_many_threads():
     for thread in threads:
         thread.join()
     assert mismatches == []
+
+
+@pytest.mark.parametrize("B", [1, 9])  # the backends' small-batch and batch kernels
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_weights_are_kept_until_parameters_are_handed_out(backend, B):
+    """While its weights are read-only, a layer keeps the weights its backend packed at the first
+    call; `parameters` drops them, so updates in place are seen by the next call."""
+    layer = LSTM(5, 130, seed=3, backend=backend)
+    x = random_input((7, B, 5), np.float32, seed=B)
+
+    def expected():
+        return lstm_forward(x, *(w.copy() for w in layer.weights[0]), backend=backend)[0]
+
+    before = expected()
+    np.testing.assert_array_equal(layer(x)[0], before)
+    np.testing.assert_array_equal(layer(x)[0], before)
+    layer.parameters()["l0_forward_Wh"] *= 0.5
+    after = expected()
+    assert not np.array_equal(after, before)
+    np.testing.assert_array_equal(layer(x)[0], after)
+    layer.parameters()["l0_forward_Wx"] *= 0.5
+    np.testing.assert_array_equal(layer(x)[0], expected())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_calls_from_many_threads_agree(backend):
+    """Threads whose first calls on a new layer pack its weights at once all get the serial
+    results (each packs or finds them packed; a layer keeps one set)."""
+    inputs = [random_input((6, 1 + 8 * (k % 2), 5), np.float32, seed=k) for k in range(8)]
+    serial_layer = LSTM(5, 130, seed=4, backend=backend)
+    serial = [serial_layer(x)[0] for x in inputs]
+    for _ in range(3):
+        layer = LSTM.from_weights(serial_layer.weights, backend=backend)
+        results = [None] * len(inputs)
+        barrier = threading.Barrier(len(inputs))
+
+        def worker(k):
+            barrier.wait()
+            results[k] = layer(inputs[k])[0]
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(inputs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for got, want in zip(results, serial):
+            np.testing.assert_array_equal(got, want)

@@ -472,9 +472,16 @@ def test_no_writable_cache_directory_leaves_the_backend_out():
     assert "numba: unavailable" in out and "NUMBA_CACHE_DIR" in out
 
 
-def test_read_only_inputs_add_no_specialisation():
-    args = make_problem(6, 3, 4, 5, np.float32, seed=2)
-    dy, dh_T, dc_T = make_upstream(6, 3, 5, np.float32)
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: "{}-{}-{}-{}t".format(
+    p[0], p[1], "matvec" if p[2] else "tiles", p[3]))
+def test_read_only_inputs_add_no_specialisation_and_no_copy(monkeypatch, plan):
+    """Read-only inputs (the layer's weights) reach the kernels as they are: no new compile, no
+    copy, and nothing written to them."""
+    T, B, D, H = 6, 3 if plan.mode == "chunks" else 1, 4, 5
+    monkeypatch.setattr(nb, "_plan", lambda B, H, n_threads: plan._replace(
+        n_workers=min(plan.n_workers, B) if plan.mode == "chunks" else plan.n_workers))
+    args = make_problem(T, B, D, H, np.float32, seed=2)
+    dy, dh_T, dc_T = make_upstream(T, B, H, np.float32)
 
     def forward_backward(arrays, upstream):
         y, h_T, c_T, cache = fastlstm.lstm_forward(**arrays, backend="numba", return_cache=True)
@@ -490,6 +497,12 @@ def test_read_only_inputs_add_no_specialisation():
     assert {d.py_func.__name__: len(d.signatures) for d in dispatchers()} == counts
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)
+    for name, a in read_only.items():
+        np.testing.assert_array_equal(a, args[name], err_msg=name)
+    _, _, _, cache = fastlstm.lstm_forward(**read_only, backend="numba", return_cache=True)
+    x_rows, Wx, Wh = cache._data[:3]
+    assert np.shares_memory(x_rows, read_only["x"])
+    assert np.shares_memory(Wx, read_only["Wx"]) and np.shares_memory(Wh, read_only["Wh"])
 
 
 # --- numerics through the whole kernel --------------------------------------------------------

@@ -1,8 +1,9 @@
 """Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 or AVX-512 chosen at
 run time.
 
-This module is the glue: it allocates outputs and scratch, packs the weights once per call
-(Wh for the small-batch forward, [Wx; Wh; b] for the batch forward, Wh.T for the backward),
+This module is the glue: it allocates outputs and scratch, packs the weights (Wh for the
+small-batch forward, [Wx; Wh; b] for the batch forward: once per call, or once per
+`PreparedWeights`; Wh.T for the backward, once per call),
 holds BLAS to one thread while the kernels' own threads run (they call BLAS on their share of
 the work, DESIGN.md §6) and calls `_lstm_cython`.
 """
@@ -44,36 +45,47 @@ def use_matvec(B, n_threads):
     return B < MIN_ROWS_PER_THREAD * n_threads
 
 
-class PackedWeights(NamedTuple):
-    """Recurrent weights arranged for the forward kernels, made once by `pack`.
+def _arranged(name, size, dtype, fill, prepared):
+    """Packed weights: ``fill(out)`` writes them into ``out`` (1-D, ``size`` values). Made once
+    and kept in ``prepared`` (a `PreparedWeights`), or, without one, into this thread's scratch
+    for this call. Keyed by the kernel build's units per block, on which the layout depends.
 
-    Wh : the (H, 4H) array it was made from; packed : the arrangement (1-D, Wh's dtype);
-    units : hidden units per block, which depends on the kernel build in use when it was made.
+    Packing is a pass over the weights; made at every call it cost, paired against the same
+    call on weights packed before (float32, 2 threads): S1 forward 1.08x, S2 1.14x, T = 10 at
+    S2's size 1.28x.
     """
+    if prepared is None:
+        out = scratch(name, (size,), dtype)
+        fill(out)
+        return out
+    key = (name, _lstm_cython.units_per_block(dtype.itemsize))
+    out = prepared.get(key)
+    if out is None:
+        out = aligned_empty((size,), dtype)
+        fill(out)
+        out = prepared.keep(key, out)
+    return out
 
-    Wh: np.ndarray
-    packed: np.ndarray
-    units: int
 
-
-def pack(Wh, n_threads=1):
-    """Arrange the recurrent weights Wh (H, 4H) for the forward kernels, on n_threads threads.
-
-    A layer that keeps its weights between calls packs them once and passes the result as
-    ``forward(..., packed=...)`` (with that same Wh array; pack again after changing Wh),
-    otherwise every forward call packs them (one thread: S2 ~0.07 ms of the call's time, S5 ~3 ms).
-    """
-    _threads.note_started(_threads.OPENMP_TEAM, n_threads)
-    Wh = np.ascontiguousarray(Wh)
+def recurrent_weights(Wh, n_threads, prepared=None):
+    """Wh (H, 4H) packed for the small-batch forward kernels (`_lstm_cython.forward`)."""
     H = Wh.shape[0]
-    packed = aligned_empty((_lstm_cython.packed_size(H, H, Wh.dtype.itemsize),), Wh.dtype)
-    _lstm_cython.pack_recurrent_weights(Wh, packed, n_threads)
-    return PackedWeights(Wh, packed, _lstm_cython.units_per_block(Wh.dtype.itemsize))
+    return _arranged("cython/recurrent", _lstm_cython.packed_size(H, H, Wh.itemsize), Wh.dtype,
+                     lambda out: _lstm_cython.pack_recurrent_weights(Wh, out, n_threads),
+                     prepared)
 
 
-def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed=None):
-    """Backend forward: see `fastlstm._backends.Backend`. ``packed`` is an optional `pack(Wh)`
-    (read by the small-batch loop only).
+def stacked_weights(Wx, Wh, b, n_threads, prepared=None):
+    """[Wx; Wh; b] (D + H + 1 rows of 4H) packed for the batch forward kernels
+    (`_lstm_cython.forward_stacked`)."""
+    K, H = Wx.shape[0] + Wh.shape[0] + 1, Wh.shape[0]
+    return _arranged("cython/stacked", _lstm_cython.packed_size(K, H, Wx.itemsize), Wx.dtype,
+                     lambda out: _lstm_cython.pack_stacked_weights(Wx, Wh, b, out, n_threads),
+                     prepared)
+
+
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, prepared=None):
+    """Backend forward: see `fastlstm._backends.Backend`.
 
     With ``lengths`` and no cache, the time loop copies each row's cell state at its last step,
     instead of keeping every step's cell state.
@@ -96,10 +108,10 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed
         c_last = None if lengths is None else aligned_copy(c0)
     if use_matvec(B, n_threads):
         _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last,
-                             gates if need_cache else None, lengths, n_threads, packed)
+                             gates if need_cache else None, lengths, n_threads, prepared)
     else:
         _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last,
-                       gates if need_cache else None, lengths, n_threads)
+                       gates if need_cache else None, lengths, n_threads, prepared)
     if not need_cache:
         if lengths is None:
             return y, y[-1].copy(), c_store[-1].copy(), None
@@ -110,16 +122,15 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, packed
     return y, state_at_lengths(y, h0, lengths), state_at_lengths(c_store, c0, lengths), cache
 
 
-def _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, lengths, n_threads):
+def _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, lengths, n_threads,
+                   prepared):
     """Threads split the rows; each step is one product [x_t, h, 1] @ [Wx; Wh; b] by register
-    tiles over the stacked weights packed here. Against the input projection as one GEMM before
+    tiles over the stacked weights (`stacked_weights`). Against the input projection as one GEMM before
     the loop plus h @ Wh per step: one thread, S3 forward 14.6-14.9 vs 15.0-16.2 ms; 2 threads,
     S5 291 vs 300 ms, S3 level. (``gates`` None: no history, a one-step scratch.)"""
     T, B, D = x.shape
     H = Wh.shape[0]
-    packed = scratch("cython/stacked", (_lstm_cython.packed_size(D + H + 1, H, x.itemsize),),
-                     x.dtype)
-    _lstm_cython.pack_stacked_weights(Wx, Wh, b, packed, n_threads)
+    packed = stacked_weights(Wx, Wh, b, n_threads, prepared)
     xh = scratch("cython/xh", (B, D + H + 1), x.dtype)
     if gates is None:
         gates = scratch("cython/gates", (1, B, 4 * H), x.dtype)
@@ -128,20 +139,14 @@ def _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, leng
 
 
 def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, lengths,
-                         n_threads, packed):
+                         n_threads, prepared):
     """Threads split the hidden units, a barrier a step, after the input projection as GEMMs on
     the threads' rows; or one thread, where `_backoff` says so. (``gates`` None: no history; the
     projection then runs in chunks of steps holding at most INFERENCE_GATES_BYTES.)"""
     T, B, _ = x.shape
     H = Wh.shape[0]
     n_threads = _backoff.threads(n_threads)
-    units = _lstm_cython.units_per_block(x.dtype.itemsize)
-    if packed is not None and packed.Wh is Wh and packed.units == units:
-        packed_array = packed.packed
-    else:
-        packed_array = scratch("cython/recurrent",
-                               (_lstm_cython.packed_size(H, H, x.itemsize),), x.dtype)
-        _lstm_cython.pack_recurrent_weights(Wh, packed_array, n_threads)
+    packed_array = recurrent_weights(Wh, n_threads, prepared)
     if gates is not None:
         with _threads.blas_threads(1):
             went_solo = _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y,

@@ -915,13 +915,13 @@ def _forward_batch_chunks(x_rows, Wx, b, Wh, n_chunks, xproj, hs, cells, gates, 
 
 
 @njit(parallel=True, **_JIT)
-def _forward_batch_tiles(x, Wx, Wh, b, n_chunks, packed, hs, cells, gates, tanh_cells):
-    """[Wx; Wh; b] packed by block ranges, then the batch in n_chunks chunks of
-    `_forward_rows_tiled`, one thread each."""
+def _forward_batch_tiles(x, Wx, Wh, b, n_chunks, pack, packed, hs, cells, gates, tanh_cells):
+    """[Wx; Wh; b] packed by block ranges (if ``pack``; else packed holds them), then the batch
+    in n_chunks chunks of `_forward_rows_tiled`, one thread each."""
     B = x.shape[1]
     V = VECTOR_BYTES // x.itemsize
     n_blocks = (Wh.shape[0] + V - 1) // V
-    for part in prange(n_chunks):
+    for part in prange(n_chunks if pack else 0):
         _pack_stacked(Wx, Wh, b, packed, part * n_blocks // n_chunks,
                       (part + 1) * n_blocks // n_chunks)
     for chunk in prange(n_chunks):
@@ -1018,13 +1018,13 @@ def _project_part(x_rows, Wx_packed, lo, hi, xproj_part):
 
 
 @njit(**_JIT)
-def _forward_part(x_rows, Wx, Wh, b, Wh_packed, Wx_packed, xproj, hs, cells, gates, tanh_cells,
-                  pre, step, part, n_parts):
-    """`part` of `step`: step 0 packs the part's columns of Wh and Wx and computes its
-    columns of x @ Wx into xproj[part] (T·B rows); step 1 + t is step t of every batch row for
-    the part's hidden units. Either writes only that step's slots (gates and tanh_cells may be
-    a 1-slot scratch when nothing reads them: a duplicate then writes the same bits where
-    nobody looks). Each part's projection is its own array: the thread that reads it at every
+def _forward_part(x_rows, Wx, Wh, b, pack, Wh_packed, Wx_packed, xproj, hs, cells, gates,
+                  tanh_cells, pre, step, part, n_parts):
+    """`part` of `step`: step 0 packs the part's columns of Wh and Wx (if ``pack``; else the
+    packed arrays hold them) and computes its columns of x @ Wx into xproj[part] (T·B rows);
+    step 1 + t is step t of every batch row for the part's hidden units. Either writes only
+    that step's slots (gates and tanh_cells may be a 1-slot scratch when nothing reads them: a
+    duplicate then writes the same bits where nobody looks). Each part's projection is its own array: the thread that reads it at every
     step wrote it, into its own cache (row ranges of one shared array, each step's gate
     update read half its inputs from the other core).
     """
@@ -1034,8 +1034,9 @@ def _forward_part(x_rows, Wx, Wh, b, Wh_packed, Wx_packed, xproj, hs, cells, gat
     if n == 0:
         return
     if step == 0:
-        _pack_part(Wh, Wh_packed, lo, hi, 4)
-        _pack_part(Wx, Wx_packed, lo, hi, 2)
+        if pack:
+            _pack_part(Wh, Wh_packed, lo, hi, 4)
+            _pack_part(Wx, Wx_packed, lo, hi, 2)
         _project_part(x_rows, Wx_packed, lo, hi, xproj[part])
         return
     B = hs.shape[1]
@@ -1057,7 +1058,7 @@ def _forward_part(x_rows, Wx, Wh, b, Wh_packed, Wx_packed, xproj, hs, cells, gat
 
 @njit(parallel=True, **_JIT)
 def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience, parts_done,
-                          Wh_packed, Wx_packed, xproj, hs, cells, gates, tanh_cells):
+                          pack, Wh_packed, Wx_packed, xproj, hs, cells, gates, tanh_cells):
     """The whole forward pass in one parallel region of claimed parts (see "Step barrier"):
     each part's columns of x @ Wx, then the steps one after the other, each step's hidden units
     (for all batch rows) split into n_parts. One region, not two: under load a region waits
@@ -1077,7 +1078,7 @@ def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience, pa
                 part = (first + q) % n_parts
                 if _claim_part(claims, part, step):
                     start = _cycle_counter()
-                    _forward_part(x_rows, Wx, Wh, b, Wh_packed, Wx_packed, xproj, hs,
+                    _forward_part(x_rows, Wx, Wh, b, pack, Wh_packed, Wx_packed, xproj, hs,
                                   cells, gates, tanh_cells, pre, step, part, n_parts)
                     own_cycles = _cycle_counter() - start
                     _mark_done(done, step, part, n_parts)
@@ -1085,7 +1086,7 @@ def _forward_split_hidden(x_rows, Wx, b, Wh, n_parts, claims, done, patience, pa
             for part in range(n_parts):
                 if not _wait_done(done, step, part, n_parts,
                                   PATIENCE_FACTOR * own_cycles + patience):
-                    _forward_part(x_rows, Wx, Wh, b, Wh_packed, Wx_packed, xproj, hs,
+                    _forward_part(x_rows, Wx, Wh, b, pack, Wh_packed, Wx_packed, xproj, hs,
                                   cells, gates, tanh_cells, pre, step, part, n_parts)
                     _mark_done(done, step, part, n_parts)
                     parts_done[first] += 1
@@ -1369,9 +1370,28 @@ def _empty_arrays(dtype, *shapes):
             for start, size, shape in zip(starts, sizes, shapes)]
 
 
+class _ReadOnlyMemory:
+    """A read-only array's memory offered to NumPy as writeable (the array interface protocol);
+    the NumPy array made from it keeps this object, and so the read-only array, alive."""
+
+    __slots__ = ("array", "__array_interface__")
+
+    def __init__(self, array):
+        self.array = array
+        interface = dict(array.__array_interface__)
+        interface["data"] = (interface["data"][0], False)
+        self.__array_interface__ = interface
+
+
 def _writeable(a):
-    """A read-only array is a separate Numba type (another compile); copy those instead."""
-    return a if a.flags.writeable else a.copy()
+    """``a`` as a writeable array, for the kernels to read.
+
+    Numba types a read-only array apart, which would compile every kernel again; a copy cost
+    the layer (whose weights are read-only) 1.13x at S1 and 1.19x at S2, paired against the same
+    forward call on writeable weights. So a read-only array is passed as a writeable array over
+    the same memory: the kernels never write their inputs (tested on read-only inputs).
+    """
+    return a if a.flags.writeable else np.asarray(_ReadOnlyMemory(a))
 
 
 def threading_layer():
@@ -1405,7 +1425,20 @@ def _warm_up_layer(a):
 # --------------------------------------------------------------------------------------------
 
 
-def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
+def _packed_weights(name, sizes, dtype, prepared):
+    """1-D arrays of ``sizes`` for the weights a kernel reads packed, and whether the kernel
+    must pack them: those a call kept in ``prepared`` (a `PreparedWeights`) before (False);
+    else new ones for this call to keep there, or, without one, this thread's scratch (True).
+    """
+    if prepared is None:
+        return tuple(scratch(f"{name}/{i}", (size,), dtype) for i, size in enumerate(sizes)), True
+    kept = prepared.get(name)
+    if kept is not None:
+        return kept, False
+    return tuple(aligned_empty((size,), dtype) for size in sizes), True
+
+
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, prepared=None):
     T, B, D = x.shape
     H = Wh.shape[0]
     dtype = x.dtype
@@ -1420,17 +1453,20 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
     cells_shape = (T + 1 if need_cache or split or lengths is not None else 2, B, H)
     slots = T if need_cache else 1
     gates_shape, tanh_cells_shape = (slots, B, 4 * H), (slots, B, H)
-    # The tiles read [Wx; Wh; b] packed; the other kernels the input projection and Wh packed.
+    # The tiles read [Wx; Wh; b] packed, the split kernel Wh and Wx packed; the others the
+    # weights as they are.
     tiles = not split and not plan.use_matvec
     V = VECTOR_BYTES // dtype.itemsize
-    blocks = (H + V - 1) // V  # of V hidden units: [Wx; Wh; b] in panels, or Wh in panels
-    packed = scratch("numba/packed", (blocks * V * 4 * (D + H + 1 if tiles else H),), dtype)
-    if split:  # each part's columns of x @ Wx, whole vectors of them
+    padded = (H + V - 1) // V * V  # hidden units in whole panels of V
+    if split:
+        arrangement, sizes = "numba/split", (padded * 4 * H, padded * 4 * D)
+        # each part's columns of x @ Wx, whole vectors of them
         part_units = -(-_largest_part(plan.n_workers, H) // V) * V
         xproj = scratch("numba/xproj", (plan.n_workers, T * B, 4 * part_units), dtype)
-        packed_x = scratch("numba/packed_x", (blocks * V * 4 * D,), dtype)
     else:
+        arrangement, sizes = "numba/stacked", (padded * 4 * (D + H + 1),) if tiles else ()
         xproj = scratch("numba/xproj", (0 if tiles else T, B, 4 * H), dtype)
+    packed, pack = _packed_weights(arrangement, sizes, dtype, prepared if sizes else None)
     if need_cache:
         hs, cells, gates, tanh_cells = _empty_arrays(dtype, (T + 1, B, H), cells_shape,
                                                      gates_shape, tanh_cells_shape)
@@ -1450,18 +1486,20 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
             parts_done = np.empty(plan.n_workers, np.int64)
             _forward_split_hidden(x_rows, Wx, b, Wh, plan.n_workers,
                                   *_new_sync(1 + T, plan.n_workers), PATIENCE_CYCLES,
-                                  parts_done, packed, packed_x, xproj, hs, cells, gates,
+                                  parts_done, pack, *packed, xproj, hs, cells, gates,
                                   tanh_cells)
             _note_partner(parts_done, plan)
         elif tiles:
-            _forward_batch_tiles(x_rows.reshape(T, B, D), Wx, Wh, b, plan.n_workers, packed, hs,
-                                 cells, gates, tanh_cells)
+            _forward_batch_tiles(x_rows.reshape(T, B, D), Wx, Wh, b, plan.n_workers, pack,
+                                 *packed, hs, cells, gates, tanh_cells)
         else:
             # The only forward kernel with BLAS in it (the input projection); each of Numba's
             # threads calls it single-threaded: one owner of the cores.
             with blas_threads(1):
                 _forward_batch_chunks(x_rows, Wx, b, Wh, plan.n_workers, xproj, hs, cells,
                                       gates, tanh_cells)
+    if prepared is not None and pack and sizes:
+        prepared.keep(arrangement, packed)
     y = hs[1:]
     if lengths is None:
         h_T = hs[T].copy()

@@ -84,13 +84,14 @@ def lstm_step_backward(dh, dc, step_cache, Wx, Wh):
     return dx_t, dh_prev, dc_prev, dWx, dWh, db
 
 
-def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None):
+def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, prepared=None):
     """Run the LSTM over a sequence.
 
     x : (T, B, D); Wx : (D, 4H); Wh : (H, 4H); b : (4H,); h0, c0 : (B, H).
     Returns y : (T, B, H), h_T : (B, H), c_T : (B, H) and the list of step caches
     (None unless ``need_cache``). ``n_threads`` is enforced on NumPy's BLAS by `_on_blas_threads`.
     With ``lengths`` (B,), h_T and c_T are each row's states after its first lengths[b] steps.
+    ``prepared`` is unused: the reference reads the weights as they are.
     """
     T, B, _ = x.shape
     H = Wh.shape[0]
