@@ -1,6 +1,9 @@
 """One registry of the ways to run an LSTM, shared by the benchmarks and the tests.
 
-Every entry can prepare a call for an operation ("fwd": forward; "fwdbwd": forward and the
+Every entry can prepare a call for an operation ("fwd": forward, fastlstm's through
+`fastlstm.lstm_forward`, which packs the weights at every call; "layer": forward through an
+object that keeps the weights, fastlstm's `LSTM` (which keeps them packed), torch's module,
+an ONNX Runtime session; "fwdbwd": forward and the
 backward pass with upstream gradient ``dy``; "step": one streaming time step on ``x[0]`` from
 the state (h0, c0), as a service receiving one frame at a time; "train": forward, backward
 and an Adam update of a 2-layer LSTM whose second layer is `second_layer_weights`, from zero
@@ -35,7 +38,7 @@ def reorder_gates(array, order, axis=-1):
 class Prepared(NamedTuple):
     """A ready-to-time call and the conversion of its return value.
 
-    result(output) -> (y, h_T, c_T) for "fwd"; (y, h_T, c_T, LSTMGrads) for "fwdbwd";
+    result(output) -> (y, h_T, c_T) for "fwd" and "layer"; (y, h_T, c_T, LSTMGrads) for "fwdbwd";
     (y (1, B, H), h_1, c_1) for "step", valid after the first call; (y, h_T, c_T) of the
     last layer for "train", the first call's being those of the initial weights.
     """
@@ -86,6 +89,13 @@ def _prepare_fastlstm(backend):
 
             # No warm-up call here: it would update the weights (the runner warms up).
             return Prepared(call, lambda output: output)
+        if op == "layer":
+            layer = fastlstm.LSTM.from_weights([(Wx, Wh, b)], backend=backend)
+            state = (h0[None], c0[None])
+            call = lambda: layer(x, state)
+            result = lambda output: (output[0], output[1][0][0], output[1][1][0])
+            call()  # as for "fwd"; also packs the weights, which the layer keeps
+            return Prepared(call, result)
         if op == "step":
             layer = fastlstm.LSTM.from_weights([(Wx, Wh, b)], backend=backend)
             state = layer.initial_state(x.shape[1], h0[None], c0[None])
@@ -143,7 +153,7 @@ def _prepare_torch(op, problem, n_threads):
                 return cell(frame, cell_state)
 
         result = lambda output: (output[0][None].numpy(), output[0].numpy(), output[1].numpy())
-    elif op == "fwd":
+    elif op in ("fwd", "layer"):  # the module is torch's layer object either way
 
         def call():
             with torch.no_grad():
@@ -275,7 +285,7 @@ IMPLEMENTATIONS = {
         Implementation("cython", False, OPS, (), _prepare_fastlstm("cython")),
         Implementation("torch", True, OPS, ("torch",), _prepare_torch),
         # onnxruntime 1.31: "LSTM operator does not support double yet".
-        Implementation("onnxruntime", True, ("fwd",), ("onnxruntime", "onnx"),
+        Implementation("onnxruntime", True, ("fwd", "layer"), ("onnxruntime", "onnx"),
                        _prepare_onnxruntime, dtypes=("float32",)),
     )
 }

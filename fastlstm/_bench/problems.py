@@ -15,13 +15,14 @@ class Shape(NamedTuple):
     H: int
 
     def flops(self, op):
-        """Floating-point operations of one call: 2·T·B·(D+H)·4H forward, about 3x that for
+        """Floating-point operations of one call: 2·T·B·(D+H)·4H forward (``fwd``, ``layer``),
+        about 3x that for
         forward+backward, one time step for ``step``, and forward+backward of two stacked
         layers (the second with input size H) for ``train``."""
         forward = 2 * self.T * self.B * (self.D + self.H) * 4 * self.H
         second_layer = 2 * self.T * self.B * (2 * self.H) * 4 * self.H
-        return {"fwd": forward, "fwdbwd": 3 * forward, "step": forward // self.T,
-                "train": 3 * (forward + second_layer)}[op]
+        return {"fwd": forward, "layer": forward, "fwdbwd": 3 * forward,
+                "step": forward // self.T, "train": 3 * (forward + second_layer)}[op]
 
     def label(self):
         return f"{self.name} (T={self.T}, B={self.B}, D={self.D}, H={self.H})"
@@ -37,10 +38,12 @@ SHAPES = {
         Shape("S5", 20, 256, 256, 1024),
     )
 }
-#: "train" is one training step (forward + backward + Adam) of a 2-layer LSTM.
-OPS = ("fwd", "fwdbwd", "step", "train")
+#: "layer" is a forward call through a model object that keeps its weights (`fastlstm.LSTM`,
+#: ``torch.nn.LSTM``, an ONNX Runtime session); "train" is one training step (forward +
+#: backward + Adam) of a 2-layer LSTM.
+OPS = ("fwd", "layer", "fwdbwd", "step", "train")
 #: What ``python -m fastlstm bench`` runs unless --ops says otherwise.
-DEFAULT_OPS = ("fwd", "fwdbwd", "step")
+DEFAULT_OPS = ("fwd", "layer", "fwdbwd", "step")
 
 
 class Problem(NamedTuple):

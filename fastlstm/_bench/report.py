@@ -9,7 +9,8 @@ from .. import __version__, _threads
 from .implementations import BASELINE, IMPLEMENTATIONS
 from .problems import SHAPES
 
-OP_TITLES = {"fwd": "forward", "fwdbwd": "forward + backward", "step": "one streaming step",
+OP_TITLES = {"fwd": "forward", "layer": "forward through a layer object",
+             "fwdbwd": "forward + backward", "step": "one streaming step",
              "train": "training step (2 layers + Adam)"}
 PACKAGES = ("numpy", "scipy", "numba", "threadpoolctl", "torch", "onnxruntime", "onnx")
 
