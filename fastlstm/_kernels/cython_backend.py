@@ -125,9 +125,10 @@ def forward(x, Wx, Wh, b, h0, c0, *, need_cache, n_threads, lengths=None, prepar
 def _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, lengths, n_threads,
                    prepared):
     """Threads split the rows; each step is one product [x_t, h, 1] @ [Wx; Wh; b] by register
-    tiles over the stacked weights (`stacked_weights`). Against the input projection as one GEMM before
-    the loop plus h @ Wh per step: one thread, S3 forward 14.6-14.9 vs 15.0-16.2 ms; 2 threads,
-    S5 291 vs 300 ms, S3 level. (``gates`` None: no history, a one-step scratch.)"""
+    tiles over the stacked weights (`stacked_weights`). Against the input projection as one
+    GEMM before the loop plus h @ Wh per step: one thread, S3 forward 14.6-14.9 vs 15.0-16.2
+    ms; 2 threads, S5 291 vs 300 ms, S3 level. (``gates`` None: no history, a one-step
+    scratch.)"""
     T, B, D = x.shape
     H = Wh.shape[0]
     packed = stacked_weights(Wx, Wh, b, n_threads, prepared)

@@ -1024,9 +1024,9 @@ def _forward_part(x_rows, Wx, Wh, b, pack, Wh_packed, Wx_packed, xproj, hs, cell
     packed arrays hold them) and computes its columns of x @ Wx into xproj[part] (T·B rows);
     step 1 + t is step t of every batch row for the part's hidden units. Either writes only
     that step's slots (gates and tanh_cells may be a 1-slot scratch when nothing reads them: a
-    duplicate then writes the same bits where nobody looks). Each part's projection is its own array: the thread that reads it at every
-    step wrote it, into its own cache (row ranges of one shared array, each step's gate
-    update read half its inputs from the other core).
+    duplicate then writes the same bits where nobody looks). Each part's projection is its own
+    array: the thread that reads it at every step wrote it, into its own cache (row ranges of
+    one shared array, each step's gate update read half its inputs from the other core).
     """
     H = hs.shape[2]
     lo, hi = _unit_range(part, n_parts, H)
