@@ -1,7 +1,9 @@
 """fastlstm: compiled CPU kernels for LSTM networks, with a NumPy-facing API.
 
 Public functions: `lstm_forward`, `lstm_backward`, `available_backends`,
-`set_num_threads`, `get_num_threads`; the layer object `LSTM`. See README.md and DESIGN.md for the contract.
+`set_num_threads`, `get_num_threads`; the layer object `LSTM`; training helpers (optimizers,
+truncated BPTT) in `fastlstm.train`.
+See README.md and DESIGN.md for the contract.
 """
 
 from ._api import LSTMCache, LSTMGrads, lstm_backward, lstm_forward
