@@ -12,6 +12,7 @@ Numba one at S3 3649 (14 ms of system time in a 32 ms call). Two kinds of reuse:
   pre-activations) a forward+backward call faulted 4400 pages, 94 ms of system time.
 """
 
+import ctypes
 import math
 import threading
 import weakref
@@ -58,8 +59,15 @@ def aligned_empty(shape, dtype):
     dtype = np.dtype(dtype)
     count = math.prod(shape)
     flat = np.empty(count + _ALIGN // dtype.itemsize, dtype)
-    skip = -flat.__array_interface__["data"][0] % _ALIGN // dtype.itemsize
+    skip = -_address(flat) % _ALIGN // dtype.itemsize
     return flat[skip:skip + count].reshape(shape)
+
+
+def _address(array):
+    """Address of the first byte of a writeable, non-empty, C-contiguous array. (0.44 µs,
+    where ``array.__array_interface__`` took 2.0 µs and ``array.ctypes.data`` 1.1 µs: a few
+    arrays a call, measurable on short sequences.)"""
+    return ctypes.addressof(ctypes.c_char.from_buffer(array))
 
 
 def aligned_copy(a):
@@ -91,7 +99,7 @@ def recycled(shape, dtype):
     block = _take(nbytes + _ALIGN)
     if block is None:
         block = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -block.ctypes.data % _ALIGN
+    start = -_address(block) % _ALIGN
     # An array over a memoryview rather than a view of `block`: NumPy makes every view of it
     # refer to it, so it lives exactly as long as the caller holds any part of the result.
     root = np.frombuffer(memoryview(block)[start:start + nbytes], dtype, count)
