@@ -94,6 +94,9 @@ def lstm_forward(x, Wx, Wh, b, h0=None, c0=None, *, backend=None, return_cache=F
     modified. With ``return_cache=True``, y is read-only: the compiled backends' cache holds
     it as the h_{t-1} that `lstm_backward` reads, so changing it in place would change the
     gradients (``y.copy()`` gives an array to change).
+
+    The compiled backends pack the weights for their kernels at every call; repeated inference
+    with the same weights is faster through `fastlstm.LSTM`, which keeps them packed.
     """
     outputs = forward_padded(x, Wx, Wh, b, h0, c0, backend=backend, return_cache=return_cache)
     if return_cache:
