@@ -13,7 +13,7 @@ import pytest
 import fastlstm
 import fastlstm._kernels
 from fastlstm._api import backward_grads, forward_padded
-from fastlstm._backends import BACKEND_MODULES, unavailable_backends
+from fastlstm._backends import BACKEND_MODULES, PreparedWeights, unavailable_backends
 from lstm_data import as_float64, make_problem, make_upstream
 
 TOLERANCE = {  # dtype -> (forward abs, gradient relative to max abs)
@@ -300,3 +300,14 @@ def test_default_backend_is_a_real_backend():
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-10)
     *_, cache = fastlstm.lstm_forward(**args, return_cache=True)
     assert cache.backend in fastlstm.available_backends()
+
+
+def test_prepared_weights_must_be_the_call_weights(backend):
+    """Packed weights kept for other arrays would silently compute with those: refused."""
+    args = make_problem(3, 1, 4, 5, np.float32)
+    other = PreparedWeights(args["Wx"].copy(), args["Wh"], args["b"])
+    with pytest.raises(ValueError, match="same Wx, Wh and b"):
+        forward_padded(**args, backend=backend, prepared=other)
+    same = PreparedWeights(args["Wx"], args["Wh"], args["b"])
+    y = forward_padded(**args, backend=backend, prepared=same)[0]
+    np.testing.assert_array_equal(y, fastlstm.lstm_forward(**args, backend=backend)[0])
