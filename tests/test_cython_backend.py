@@ -237,21 +237,34 @@ def test_nan_and_inf_inputs_propagate(dtype, simd):
     np.testing.assert_allclose(y[finite], ref_y[finite], rtol=0, atol=TOLERANCE[dtype][0])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H", [1, 3, 8, 13, 16, 37])
-def test_pack_layout(H, dtype):
-    """packed[blk, half, k, q2, j] = Wh[k, (2*half + q2)*H + blk*U + j], zero past H (U units per
-    block; half 0 holds gates i, f and half 1 gates o, g)."""
-    rng = np.random.default_rng(H)
-    Wh = rng.standard_normal((H, 4 * H)).astype(dtype)
-    units = _lstm_cython.units_per_block(np.dtype(dtype).itemsize)
+def expected_panels(stacked, H, units):
+    """packed[blk, half, k, q2, j] = stacked[k, (2*half + q2)*H + blk*U + j], zero past H (U units
+    per block; half 0 holds gates i, f and half 1 gates o, g)."""
+    K = stacked.shape[0]
     n_blocks = -(-H // units)
-    padded = np.zeros((H, 4, n_blocks * units), dtype)
-    padded[:, :, :H] = Wh.reshape(H, 4, H)
-    expected = padded.reshape(H, 2, 2, n_blocks, units).transpose(3, 1, 0, 2, 4).ravel()
-    packed = cython_backend.recurrent_weights(Wh, n_threads=1)
+    padded = np.zeros((K, 4, n_blocks * units), stacked.dtype)
+    padded[:, :, :H] = stacked.reshape(K, 4, H)
+    return padded.reshape(K, 2, 2, n_blocks, units).transpose(3, 1, 0, 2, 4).ravel()
+
+
+# (D, H): partial blocks under every build, and passes of 64 rows (PACK_ROWS) that start or end
+# inside Wx, inside Wh, or at b
+PACK_SHAPES = [(1, 1), (2, 3), (5, 8), (3, 13), (4, 16), (50, 37), (70, 3), (5, 130)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D, H", PACK_SHAPES)
+def test_pack_layout(D, H, dtype, simd, n_threads):
+    """Wh packed for the small-batch kernels, [Wx; Wh; b] for the batch kernels, in panels."""
+    rng = np.random.default_rng(H)
+    Wx, Wh, b = (rng.standard_normal(shape).astype(dtype) for shape in [(D, 4 * H), (H, 4 * H),
+                                                                        (4 * H,)])
+    units = _lstm_cython.units_per_block(np.dtype(dtype).itemsize)
+    packed = cython_backend.recurrent_weights(Wh, n_threads)
     assert packed.dtype == dtype
-    np.testing.assert_array_equal(packed, expected)
+    np.testing.assert_array_equal(packed, expected_panels(Wh, H, units))
+    stacked = cython_backend.stacked_weights(Wx, Wh, b, n_threads)
+    np.testing.assert_array_equal(stacked, expected_panels(np.vstack([Wx, Wh, b]), H, units))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
