@@ -405,6 +405,27 @@ def test_fresh_process_loads_kernels_from_the_cache():
     assert misses == 0 and hits >= 1
 
 
+def test_processes_that_load_the_cache_agree_bit_for_bit():
+    """Kernels loaded from the cache give every process the same bits (README: the process that
+    compiled them may round differently in float32), in the split and the batch kernels."""
+    code = """
+        import hashlib, numpy as np, fastlstm
+        rng = np.random.default_rng(0)
+        digest = hashlib.sha256()
+        for T, B, D, H in [(30, 1, 16, 130), (20, 9, 8, 40)]:
+            x = rng.standard_normal((T, B, D)).astype(np.float32)
+            Wx, Wh = ((0.1 * rng.standard_normal(s)).astype(np.float32)
+                      for s in [(D, 4 * H), (H, 4 * H)])
+            y, h_T, c_T, cache = fastlstm.lstm_forward(x, Wx, Wh, np.zeros(4 * H, np.float32),
+                                                       backend="numba", return_cache=True)
+            for a in (y, *fastlstm.lstm_backward(np.ones_like(y), cache)):
+                digest.update(a.tobytes())
+        print(digest.hexdigest())
+    """
+    run_in_fresh_process(code)  # fills the cache if it was empty
+    assert run_in_fresh_process(code) == run_in_fresh_process(code)
+
+
 def test_warm_up_reaches_every_kernel_the_api_runs():
     """After `warm_up`, a mix of public calls (every planner mode, both dtypes, one and two
     threads, lengths, layers, streaming steps) compiles or loads nothing more."""
