@@ -1,16 +1,20 @@
 """One registry of the ways to run an LSTM, shared by the benchmarks and the tests.
 
-Every entry can prepare a call for an operation ("fwd": forward, fastlstm's through
-`fastlstm.lstm_forward`, which packs the weights at every call; "layer": forward through an
-object that keeps the weights, fastlstm's `LSTM` (which keeps them packed), torch's module,
-an ONNX Runtime session; "fwdbwd": forward and the
-backward pass with upstream gradient ``dy``; "step": one streaming time step on ``x[0]`` from
-the state (h0, c0), as a service receiving one frame at a time; "train": forward, backward
-and an Adam update of a 2-layer LSTM whose second layer is `second_layer_weights`, from zero
-states) on a `Problem`. Preparing does the one-off work
-(weight conversion, graph building, JIT warm-up) outside the timed call; `Prepared.call` is
-what is timed, and `Prepared.result` turns its return value into our layout, so that the tests
-can check every benchmarked implementation against the reference.
+Every entry can prepare a call for an operation on a `Problem`:
+
+- "fwd": forward; fastlstm's through `fastlstm.lstm_forward`, which packs the weights at every
+  call;
+- "layer": forward through an object that keeps the weights: fastlstm's `LSTM` (which keeps
+  them packed), torch's module, an ONNX Runtime session;
+- "fwdbwd": forward and the backward pass with upstream gradient ``dy``;
+- "step": one streaming time step on ``x[0]`` from the state (h0, c0), as a service receiving
+  one frame at a time;
+- "train": forward, backward and an Adam update of a 2-layer LSTM whose second layer is
+  `second_layer_weights`, from zero states.
+
+Preparing does the one-off work (weight conversion, graph building, JIT warm-up) outside the
+timed call; `Prepared.call` is what is timed, and `Prepared.result` turns its return value into
+our layout, so that the tests can check every benchmarked implementation against the reference.
 """
 
 import importlib.util

@@ -16,9 +16,8 @@ class Shape(NamedTuple):
 
     def flops(self, op):
         """Floating-point operations of one call: 2·T·B·(D+H)·4H forward (``fwd``, ``layer``),
-        about 3x that for
-        forward+backward, one time step for ``step``, and forward+backward of two stacked
-        layers (the second with input size H) for ``train``."""
+        about 3x that for forward+backward, one time step for ``step``, and forward+backward of
+        two stacked layers (the second with input size H) for ``train``."""
         forward = 2 * self.T * self.B * (self.D + self.H) * 4 * self.H
         second_layer = 2 * self.T * self.B * (2 * self.H) * 4 * self.H
         return {"fwd": forward, "layer": forward, "fwdbwd": 3 * forward,
