@@ -296,7 +296,7 @@ def test_forward_with_prepared_weights(monkeypatch, B, dtype):
     first = cython_backend.forward(x, Wx, Wh, b, h0, c0, need_cache=False, n_threads=2,
                                    prepared=prepared)
     for name in ("pack_recurrent_weights", "pack_stacked_weights"):
-        monkeypatch.setattr(_lstm_cython, name, lambda *args: pytest.fail("packed again"))
+        monkeypatch.setattr(_lstm_cython, name, lambda *_: pytest.fail("packed again"))
     later = cython_backend.forward(x, Wx, Wh, b, h0, c0, need_cache=True, n_threads=2,
                                    prepared=prepared)
     for got_first, got_later, want in zip(first[:3], later[:3], without[:3]):
