@@ -3,6 +3,9 @@
 Every ``fastlstm/_kernels/*.pyx`` becomes an extension, compiled with -O3 and with OpenMP
 when the compiler accepts -fopenmp. Never with -ffast-math: linking it sets flush-to-zero for
 the whole process that loads the module (DESIGN.md §6).
+
+Debug information is left out (-g0): it is four fifths of the modules' size, and the wheel goes
+into inference images where size counts. ``FASTLSTM_DEBUG_SYMBOLS=1`` at build time keeps it.
 """
 
 import glob
@@ -40,6 +43,8 @@ def extensions():
     openmp_flags = ["-fopenmp"] if openmp else []
     if not openmp:
         print("fastlstm: compiler has no OpenMP; building single-threaded kernels", file=sys.stderr)
+    keep_debug = os.environ.get("FASTLSTM_DEBUG_SYMBOLS", "0") not in ("", "0")
+    debug_flags = [] if keep_debug else ["-g0"]
     modules = []
     for pyx in sorted(glob.glob(os.path.join("fastlstm", "_kernels", "*.pyx"))):
         name = pyx[: -len(".pyx")].replace(os.sep, ".")
@@ -49,7 +54,7 @@ def extensions():
                 [pyx],
                 include_dirs=[np.get_include(), os.path.join("fastlstm", "_kernels")],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-                extra_compile_args=["-O3"] + openmp_flags,
+                extra_compile_args=["-O3"] + debug_flags + openmp_flags,
                 extra_link_args=openmp_flags,
                 depends=glob.glob(os.path.join("fastlstm", "_kernels", "csrc", "*.h")),
             )

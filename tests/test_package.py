@@ -2,7 +2,10 @@
 
 import importlib.metadata
 import math
+import os
+import pathlib
 import re
+import sys
 import threading
 
 import numpy as np
@@ -69,6 +72,34 @@ def test_denormals_survive_import_and_every_backend():
         fastlstm.lstm_forward(**args, backend=backend)
         assert np.float32(1e-45) * np.float32(1.0) != 0, backend
         assert np.float64(5e-324) * 1.0 != 0, backend
+
+
+def test_installed_files_hold_no_generated_c():
+    """The wheel carries the Cython sources and the compiled modules, not the 4 MB of C that
+    Cython generates on the way."""
+    files = [f for f in importlib.metadata.files("fastlstm") if f.parts[0] == "fastlstm"]
+    if not files:
+        pytest.skip("editable install: the package is the source tree, build files and all")
+    names = {f.name for f in files}
+    assert "_lstm_cython.pyx" in names
+    assert sorted(name for name in names if name.endswith(".c")) == []
+    if "cython" in fastlstm.available_backends():
+        assert any(name.startswith("_lstm_cython.") and name.endswith(".so") for name in names)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads ELF section names")
+@pytest.mark.skipif(os.environ.get("FASTLSTM_DEBUG_SYMBOLS", "0") not in ("", "0"),
+                    reason="FASTLSTM_DEBUG_SYMBOLS asks for a build with debug information")
+def test_compiled_modules_carry_no_debug_information():
+    """Debug information would make the modules five times their size (setup.py)."""
+    if "cython" not in fastlstm.available_backends():
+        pytest.skip("the cython extension is not built")
+    from fastlstm._kernels import _blas, _lstm_cython, _openmp_info
+
+    for module in (_blas, _lstm_cython, _openmp_info):
+        image = pathlib.Path(module.__file__).read_bytes()
+        assert image.startswith(b"\x7fELF"), module.__file__
+        assert b".debug_info\0" not in image, module.__file__
 
 
 def test_command_line_bench_writes_the_report(tmp_path):
