@@ -226,6 +226,7 @@ def test_activations_propagate_nan(dtype, simd):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_nan_and_inf_inputs_propagate(dtype, simd):
     args = make_problem(4, 2, 3, 9, dtype=dtype)
     args["x"][1, 0, 2] = np.nan
