@@ -56,7 +56,8 @@ def extensions():
     if not openmp:
         print("fastlstm: compiler has no OpenMP; building single-threaded kernels", file=sys.stderr)
     keep_debug = os.environ.get("FASTLSTM_DEBUG_SYMBOLS", "0") not in ("", "0")
-    debug_flags = [] if keep_debug else ["-g0"]
+    # MSVC adds no debug information unless asked, and knows no -g0.
+    debug_flags = [] if keep_debug or compiler is None else ["-g0"]
     modules = []
     for pyx in sorted(glob.glob(os.path.join("fastlstm", "_kernels", "*.pyx"))):
         name = pyx[: -len(".pyx")].replace(os.sep, ".")
