@@ -108,6 +108,8 @@ def _load_error_hint(exc):
     """What to do about a known failure to load a backend."""
     if "no locator available" in str(exc):  # Numba's, for cache=True without a writable dir
         return " (no writable cache directory: set NUMBA_CACHE_DIR to one)"
+    if isinstance(exc, ModuleNotFoundError) and exc.name in ("numba", "llvmlite"):
+        return " (install it with: pip install 'fastlstm[numba]')"
     return ""
 
 

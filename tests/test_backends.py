@@ -4,6 +4,7 @@ The tolerances are DESIGN.md §3. The reference is run in float64 on the same (c
 float32 backend is held to float32 accuracy, not to agreement with a float32 reference.
 """
 
+import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -278,13 +279,16 @@ def test_nan_inf_and_extreme_values_propagate_like_the_reference(backend, dtype)
 
 def required_backends():
     """Backends whose module ships with the package must load, unless the environment says
-    otherwise (FASTLSTM_REQUIRE_BACKENDS=numpy,numba for a deliberately partial build)."""
+    otherwise (FASTLSTM_REQUIRE_BACKENDS=numpy,numba for a deliberately partial build). The
+    numba backend is required where Numba is installed (the optional ``numba`` extra)."""
     override = os.environ.get("FASTLSTM_REQUIRE_BACKENDS")
     if override is not None:
         return [name for name in override.split(",") if name]
     kernels_dir = os.path.dirname(fastlstm._kernels.__file__)
-    return [name for name, module in BACKEND_MODULES.items()
-            if os.path.exists(os.path.join(kernels_dir, module.rsplit(".", 1)[1] + ".py"))]
+    shipped = [name for name, module in BACKEND_MODULES.items()
+               if os.path.exists(os.path.join(kernels_dir, module.rsplit(".", 1)[1] + ".py"))]
+    numba_installed = importlib.util.find_spec("numba") is not None
+    return [name for name in shipped if name != "numba" or numba_installed]
 
 
 def test_shipped_backends_are_available():

@@ -50,6 +50,35 @@ def test_imports_and_says_so_without_compiled_extensions():
     assert "compiled extensions: missing" in out
 
 
+def test_works_without_numba():
+    """Numba is an optional extra: without it fastlstm runs on the other backends, the default
+    backend included, and says how to get the missing one."""
+    result = run_python("""
+        import importlib.abc, sys
+
+        class NoNumba(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("numba", "llvmlite"):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, NoNumba())
+        import numpy as np
+        import fastlstm
+        from fastlstm.__main__ import describe, warm
+        assert "numba" not in fastlstm.available_backends()
+        args = (np.ones((2, 1, 3)), np.ones((3, 8)), np.ones((2, 8)), np.ones(8))
+        y, _, _ = fastlstm.lstm_forward(*args)
+        want, _, _ = fastlstm.lstm_forward(*args, backend="numpy")
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-12)
+        assert warm() == 1
+        print("\\n".join(describe()))
+        assert "numba" not in sys.modules
+    """)
+    assert "numba: unavailable (ModuleNotFoundError" in result.stdout
+    assert "pip install 'fastlstm[numba]'" in result.stdout
+    assert "numba backend unavailable" in result.stdout
+
+
 def test_command_line_info():
     result = run_python(["-m", "fastlstm"])
     assert f"fastlstm {fastlstm.__version__}" in result.stdout
