@@ -113,7 +113,8 @@ def test_installed_files_hold_no_generated_c():
     assert "_lstm_cython.pyx" in names
     assert sorted(name for name in names if name.endswith(".c")) == []
     if "cython" in fastlstm.available_backends():
-        assert any(name.startswith("_lstm_cython.") and name.endswith(".so") for name in names)
+        assert any(name.startswith("_lstm_cython.") and name.endswith((".so", ".pyd"))
+                   for name in names)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads ELF section names")
