@@ -4,7 +4,8 @@ index does, and check them:
 - the sdist holds every source file needed to build, test and benchmark, and pytest collects
   the same tests from it as from the repository;
 - neither artefact carries Cython's generated C; the wheel has every compiled module;
-- on a machine without a C compiler the sdist still installs, without the cython backend.
+- on a machine without a C compiler the sdist still installs, without the cython backend;
+- the wheel installed without extras (so without Numba) runs on the cython backend.
 
 Run from the repository root with `build` and pytest installed (and fastlstm, for collection).
 """
@@ -129,6 +130,40 @@ def without_compiler_failures(unpacked, tmp):
     return []
 
 
+# Run in a fresh venv where the wheel is installed without extras, so without Numba.
+WITHOUT_EXTRAS = textwrap.dedent("""
+    import importlib.util
+    import numpy as np
+    import fastlstm
+    assert importlib.util.find_spec("numba") is None
+    assert fastlstm.available_backends() == ("numpy", "cython"), fastlstm.available_backends()
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(shape).astype(np.float32)
+            for shape in [(5, 1, 4), (4, 24), (6, 24), (24,)]]
+    y, _, _ = fastlstm.lstm_forward(*args)
+    want, _, _ = fastlstm.lstm_forward(*args, backend="numpy")
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-5)
+""")
+
+
+def without_extras_failures(wheel, tmp):
+    """Install the wheel, with its required dependencies only, into a new virtual environment:
+    fastlstm must run there on the cython backend, and name the extra that adds numba."""
+    venv = tmp / "without-extras"
+    run([sys.executable, "-m", "venv", str(venv)], cwd=tmp)
+    python = str(venv / "bin" / "python")
+    try:
+        run([python, "-m", "pip", "install", "--quiet", str(wheel)], cwd=tmp)
+        run([python, "-c", WITHOUT_EXTRAS], cwd=tmp)
+        described = run([python, "-m", "fastlstm"], cwd=tmp)
+    except subprocess.CalledProcessError as error:
+        output = error.stdout + error.stderr
+        return [f"the wheel installed without extras fails:\n{output[-2000:]}"]
+    if "pip install 'fastlstm[numba]'" not in described:
+        return [f"python -m fastlstm does not name the numba extra:\n{described}"]
+    return []
+
+
 def main():
     repo = pathlib.Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,6 +179,7 @@ def main():
         scratch.mkdir()
         failures += collection_failures(unpacked, repo, scratch)
         failures += without_compiler_failures(unpacked, tmp)
+        failures += without_extras_failures(wheel, tmp)
         print(f"check_dist: {sdist.name} ({sdist.stat().st_size // 1024} KiB), "
               f"{wheel.name} ({wheel.stat().st_size // 1024} KiB)")
     for failure in failures:
