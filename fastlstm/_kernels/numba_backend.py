@@ -236,6 +236,20 @@ def _atomic_store(typingctx, ary, idx, value):
 
 
 @intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (llvm.fma). For a sum of two products, 'contract' lets LLVM fuse
+    either one, and it chose differently when a kernel was compiled inside its caller than in
+    the copy Numba caches: float32 results of compiling and loading processes differed."""
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fma", [ty], ir.FunctionType(ty, [ty] * 3))
+        return builder.call(fn, args)
+
+    return a(a, a, a), codegen
+
+
+@intrinsic
 def _cycle_counter(typingctx):
     """The CPU's cycle counter (llvm.readcyclecounter; 0 where the target has none)."""
 
@@ -718,7 +732,7 @@ def _cell_update(pre, stride, j0, n, c_prev, gates_row, c_row, tanh_c_row, h_row
         f = sigmoid_act(a_f[u])
         o = sigmoid_act(a_o[u])
         g = tanh_act(a_g[u])
-        c = f * c_old[u] + i * g
+        c = _fma(f, c_old[u], i * g)
         tanh_c = tanh_act(c)
         out_i[u] = i
         out_f[u] = f
