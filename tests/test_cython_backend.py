@@ -256,7 +256,8 @@ PACK_SHAPES = [(1, 1), (2, 3), (5, 8), (3, 13), (4, 16), (50, 37), (70, 3), (5, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D, H", PACK_SHAPES)
 def test_pack_layout(D, H, dtype, simd, n_threads):
-    """Wh packed for the small-batch kernels, [Wx; Wh; b] for the batch kernels, in panels."""
+    """Wx and Wh packed for the small-batch kernels, [Wx; Wh; b] for the batch kernels, in
+    panels."""
     rng = np.random.default_rng(H)
     Wx, Wh, b = (rng.standard_normal(shape).astype(dtype) for shape in [(D, 4 * H), (H, 4 * H),
                                                                         (4 * H,)])
@@ -264,6 +265,8 @@ def test_pack_layout(D, H, dtype, simd, n_threads):
     packed = cython_backend.recurrent_weights(Wh, n_threads)
     assert packed.dtype == dtype
     np.testing.assert_array_equal(packed, expected_panels(Wh, H, units))
+    packed_x = cython_backend.input_weights(Wx, n_threads)
+    np.testing.assert_array_equal(packed_x, expected_panels(Wx, H, units))
     stacked = cython_backend.stacked_weights(Wx, Wh, b, n_threads)
     np.testing.assert_array_equal(stacked, expected_panels(np.vstack([Wx, Wh, b]), H, units))
 
@@ -296,7 +299,7 @@ def test_forward_with_prepared_weights(monkeypatch, B, dtype):
     prepared = PreparedWeights(Wx, Wh, b)
     first = cython_backend.forward(x, Wx, Wh, b, h0, c0, need_cache=False, n_threads=2,
                                    prepared=prepared)
-    for name in ("pack_recurrent_weights", "pack_stacked_weights"):
+    for name in ("pack_input_weights", "pack_recurrent_weights", "pack_stacked_weights"):
         monkeypatch.setattr(_lstm_cython, name, lambda *_: pytest.fail("packed again"))
     later = cython_backend.forward(x, Wx, Wh, b, h0, c0, need_cache=True, n_threads=2,
                                    prepared=prepared)

@@ -1,11 +1,11 @@
 """Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 or AVX-512 chosen at
 run time.
 
-This module is the glue: it allocates outputs and scratch, packs the weights (Wh for the
-small-batch forward, [Wx; Wh; b] for the batch forward: once per call, or once per
-`PreparedWeights`; Wh.T for the backward, once per call),
-holds BLAS to one thread while the kernels' own threads run (they call BLAS on their share of
-the work, DESIGN.md §6) and calls `_lstm_cython`.
+This module is the glue: it allocates outputs and scratch, packs the weights (Wx and Wh for
+the small-batch forward, [Wx; Wh; b] for the batch forward: once per call, or once per
+`PreparedWeights`; Wh.T for the backward, once per call), holds BLAS to one thread while the
+backward's threads run (they call BLAS on their share of the work, DESIGN.md §6) and calls
+`_lstm_cython`.
 """
 
 from typing import NamedTuple
@@ -29,7 +29,7 @@ MIN_ROWS_PER_THREAD = 4
 
 
 #: Most bytes of pre-activations (T·B·4H values) a small-batch inference call (no cache) keeps at
-#: once: longer sequences run in chunks of time steps, each chunk's input projection one GEMM. A
+#: once: longer sequences run in chunks of time steps, each chunk's input projection at once. A
 #: fresh array above glibc's mmap threshold (32 MiB) is page-faulted in at every call (84 MB:
 #: 6.3 ms). (The batch loop keeps no such array: it multiplies x_t within each step.)
 INFERENCE_GATES_BYTES = 16 << 20
@@ -73,6 +73,14 @@ def recurrent_weights(Wh, n_threads, prepared=None):
     return _arranged("cython/recurrent", _lstm_cython.packed_size(H, H, Wh.itemsize), Wh.dtype,
                      lambda out: _lstm_cython.pack_recurrent_weights(Wh, out, n_threads),
                      prepared)
+
+
+def input_weights(Wx, n_threads, prepared=None):
+    """Wx (D, 4H) packed for the small-batch forward kernels' input projection
+    (`_lstm_cython.forward`)."""
+    D, H = Wx.shape[0], Wx.shape[1] // 4
+    return _arranged("cython/input", _lstm_cython.packed_size(D, H, Wx.itemsize), Wx.dtype,
+                     lambda out: _lstm_cython.pack_input_weights(Wx, out, n_threads), prepared)
 
 
 def stacked_weights(Wx, Wh, b, n_threads, prepared=None):
@@ -141,32 +149,31 @@ def _forward_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, leng
 
 def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates, lengths,
                          n_threads, prepared):
-    """Threads split the hidden units, a barrier a step, after the input projection as GEMMs on
-    the threads' rows; or one thread, where `_backoff` says so. (``gates`` None: no history; the
-    projection then runs in chunks of steps holding at most INFERENCE_GATES_BYTES.)"""
+    """Threads split the hidden units, each projecting the input onto its own units and then
+    running the time loop, a barrier a step; or one thread, where `_backoff` says so. (``gates``
+    None: no history; the projection then runs in chunks of steps holding at most
+    INFERENCE_GATES_BYTES.)"""
     T, B, _ = x.shape
     H = Wh.shape[0]
     n_threads = _backoff.threads(n_threads)
-    packed_array = recurrent_weights(Wh, n_threads, prepared)
+    packed_x = input_weights(Wx, n_threads, prepared)
+    packed = recurrent_weights(Wh, n_threads, prepared)
     if gates is not None:
-        with _threads.blas_threads(1):
-            went_solo = _lstm_cython.forward(x, Wx, Wh, b, packed_array, h0, c0, gates, y,
-                                             c_store, tanh_c, n_threads)
+        went_solo = _lstm_cython.forward(x, packed_x, b, packed, h0, c0, gates, y, c_store,
+                                         tanh_c, n_threads)
         _backoff.note(n_threads, went_solo)
         return
     chunk = max(1, min(T, INFERENCE_GATES_BYTES // (B * 4 * H * x.itemsize)))
     gates = scratch("cython/gates", (chunk, B, 4 * H), x.dtype)
     went_solo = False
-    with _threads.blas_threads(1):
-        for t0 in range(0, T, chunk):
-            t1 = min(T, t0 + chunk)
-            h_prev = h0 if t0 == 0 else y[t0 - 1]
-            # last steps outside this chunk match none of its steps
-            went_solo |= _lstm_cython.forward(x[t0:t1], Wx, Wh, b, packed_array, h_prev, c0,
-                                              gates[: t1 - t0], y[t0:t1], c_store, tanh_c,
-                                              n_threads,
-                                              None if lengths is None else lengths - 1 - t0,
-                                              c_last)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        h_prev = h0 if t0 == 0 else y[t0 - 1]
+        # last steps outside this chunk match none of its steps
+        went_solo |= _lstm_cython.forward(x[t0:t1], packed_x, b, packed, h_prev, c0,
+                                          gates[: t1 - t0], y[t0:t1], c_store, tanh_c,
+                                          n_threads, None if lengths is None else lengths - 1 - t0,
+                                          c_last)
     _backoff.note(n_threads, went_solo)
 
 

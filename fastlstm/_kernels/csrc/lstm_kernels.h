@@ -173,6 +173,8 @@ static int fastlstm_units_f64(void) { return fastlstm_isa == FASTLSTM_ISA_AVX512
 #define fastlstm_backward_cell_f64 FASTLSTM_PICK(backward_cell, f64)
 #define fastlstm_forward_tiles_f32 FASTLSTM_PICK(forward_tiles, f32)
 #define fastlstm_forward_tiles_f64 FASTLSTM_PICK(forward_tiles, f64)
+#define fastlstm_project_blocks_f32 FASTLSTM_PICK(project_blocks, f32)
+#define fastlstm_project_blocks_f64 FASTLSTM_PICK(project_blocks, f64)
 #define fastlstm_backward_dh_tiles_f32 FASTLSTM_PICK(backward_dh_tiles, f32)
 #define fastlstm_backward_dh_panels_f32 FASTLSTM_PICK(backward_dh_panels, f32)
 #define fastlstm_backward_dh_panels_f64 FASTLSTM_PICK(backward_dh_panels, f64)

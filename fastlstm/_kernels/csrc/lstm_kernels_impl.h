@@ -389,6 +389,34 @@ KERNEL_ATTR static void SUFFIX(forward_tiles)(const REAL *packed, Py_ssize_t H,
     }
 }
 
+/* The input projection of a small batch, for the hidden-unit blocks [blk_begin, blk_end):
+ *   gates[r, q·H + u] = b[q·H + u] + Σ_k x[r, k] · Wx[k, q·H + u]    (gates = x @ Wx + b)
+ * for all `rows` rows of x (D values each). `packed_x` is Wx arranged as pack_recurrent_weights
+ * arranges Wh, with D rows a panel. The small-batch time loop runs it on each thread's own blocks
+ * first, so a thread reads only the gate columns it wrote, and no barrier comes between. */
+KERNEL_ATTR static void SUFFIX(project_blocks)(const REAL *packed_x, Py_ssize_t D, Py_ssize_t H,
+                                               const REAL *x, Py_ssize_t rows, const REAL *b,
+                                               REAL *gates, Py_ssize_t blk_begin,
+                                               Py_ssize_t blk_end)
+{
+    const Py_ssize_t G = 4 * H;
+    for (Py_ssize_t blk = blk_begin; blk < blk_end; blk++) {
+        const REAL *w_if = packed_x + blk * D * 4 * LANES, *w_og = w_if + D * 2 * LANES;
+        Py_ssize_t u = blk * LANES;
+        Py_ssize_t n = H - u < LANES ? H - u : LANES;
+        for (Py_ssize_t r = 0; r < rows;) {
+            int mr = SUFFIX(next_tile_rows)(rows - r);
+            REAL *g = gates + r * G + u;
+            for (Py_ssize_t row = 0; row < mr; row++)
+                for (int q = 0; q < 4; q++)
+                    memcpy(g + row * G + q * H, b + q * H + u, n * sizeof(REAL));
+            SUFFIX(gemm_tile)(mr, D, x + r * D, D, w_if, g, n, g + H, n, G, 1);
+            SUFFIX(gemm_tile)(mr, D, x + r * D, D, w_og, g + 2 * H, n, g + 3 * H, n, G, 1);
+            r += mr;
+        }
+    }
+}
+
 /* dh[r, j] = Σ_k da[r, k] · Wh[j, k] (dh = da @ Wh.T, k < 4H) for rows [row_begin, row_end) and
  * all j. `packed_t` is Wh.T arranged by pack_transposed_weights: per block of 2·LANES hidden
  * units, 4H rows of 2·LANES values (zero past H); each block is one tile wide. */
