@@ -408,8 +408,12 @@ KERNEL_ATTR static void SUFFIX(project_blocks)(const REAL *packed_x, Py_ssize_t 
             int mr = SUFFIX(next_tile_rows)(rows - r);
             REAL *g = gates + r * G + u;
             for (Py_ssize_t row = 0; row < mr; row++)
-                for (int q = 0; q < 4; q++)
-                    memcpy(g + row * G + q * H, b + q * H + u, n * sizeof(REAL));
+                for (int q = 0; q < 4; q++) {
+                    if (n == LANES)
+                        SUFFIX(vstore)(g + row * G + q * H, SUFFIX(vload)(b + q * H + u));
+                    else
+                        memcpy(g + row * G + q * H, b + q * H + u, n * sizeof(REAL));
+                }
             SUFFIX(gemm_tile)(mr, D, x + r * D, D, w_if, g, n, g + H, n, G, 1);
             SUFFIX(gemm_tile)(mr, D, x + r * D, D, w_og, g + 2 * H, n, g + 3 * H, n, G, 1);
             r += mr;
