@@ -440,8 +440,8 @@ cdef bint _forward_matvec(const floating *x, const floating *packed_x, const flo
     Each thread projects all T·B rows of x onto its own blocks' gate columns by register tiles
     (`packed_x`) before its time loop, which then reads only gate values its own core wrote.
     Before, one OpenBLAS GEMM in a region of its own split the columns in halves (thread 0 gates
-    i and f of every unit, thread 1 o and g). One thread's half, float32, best of 400: S1 (100
-    rows, D = 64) 32-34 µs here vs 38 µs by OpenBLAS, S2 (D = 256) 232-237 vs 286 µs. Whole
+    i and f of every unit, thread 1 o and g). One thread's half, float32, best of 200-400: S1 (100
+    rows, D = 64) 31-34 µs here vs 38 µs by OpenBLAS, S2 (D = 256) 232-237 vs 286 µs. Whole
     forward calls, 2 threads, median of the per-pair ratios of alternating processes: S1 0.94x
     (25 pairs), S2 0.93x (20 pairs), through `lstm_forward` and through `LSTM` alike.
     """
