@@ -274,7 +274,7 @@ class SoloBackoff:
         self.clock = clock
         self.call_end = -math.inf  # when the last call ended
         self.team_end = -math.inf  # when the last call on several threads ended
-        self.in_row = 0  # calls in a row, each within IDLE_SECONDS of the one before
+        self.in_row = 0  # calls in a row, each within IDLE_SECONDS of the one before (capped)
 
     def threads(self, n_threads):
         """The threads the next call runs on, given the n_threads it was asked to use."""
@@ -284,7 +284,10 @@ class SoloBackoff:
             self.left -= 1
             return 1
         now = self.clock()
-        self.in_row = self.in_row + 1 if now - self.call_end <= IDLE_SECONDS else 1
+        # Capped at WAKE_CALLS, all that is compared: ints above 256 are new objects, and a
+        # streaming step must allocate nothing (a long run in a row made it keep 32 bytes).
+        in_row = min(self.in_row + 1, WAKE_CALLS)
+        self.in_row = in_row if now - self.call_end <= IDLE_SECONDS else 1
         if now - self.team_end > IDLE_SECONDS and self.in_row < WAKE_CALLS:
             return 1
         return n_threads
