@@ -53,7 +53,7 @@ def min_rows_per_thread(request, monkeypatch):
 @pytest.mark.parametrize(
     "shape",
     [(1, 1, 1, 1), (6, 1, 7, 13), (5, 3, 1, 17), (4, 2, 9, 1), (7, 5, 16, 33), (12, 1, 64, 128),
-     (300, 2, 4, 6), (3, 5, 7, 200), (3, 12, 5, 19), (4, 14, 6, 37),
+     (300, 2, 4, 6), (3, 5, 7, 200), (3, 12, 5, 19), (4, 14, 6, 37), (31, 1, 11, 21),
      (1030, 2, 5, 7)],  # T·B > 2048: the weight gradients on BLAS, products split by rows
     ids=lambda s: "T{}B{}D{}H{}".format(*s),
 )
@@ -111,7 +111,8 @@ def always_threads():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(9, 1, 5, 40), (30, 1, 16, 128), (6, 3, 4, 70)],
+@pytest.mark.parametrize("shape", [(9, 1, 5, 40), (30, 1, 16, 128), (6, 3, 4, 70),
+                                   (31, 1, 64, 100)],
                          ids=lambda s: "T{}B{}D{}H{}".format(*s))
 def test_time_loops_going_on_alone_give_the_same_bits(shape, dtype, monkeypatch):
     """When a barrier wait has to sleep (the partner thread descheduled), the small-batch time
@@ -145,6 +146,7 @@ def test_time_loops_going_on_alone_give_the_same_bits(shape, dtype, monkeypatch)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(9, 1, 5, 40), (30, 1, 16, 128), (6, 3, 4, 70),
+                                   (31, 1, 64, 100),
                                    (1030, 2, 5, 7)],  # T·B > 2048: gradients on BLAS
                          ids=lambda s: "T{}B{}D{}H{}".format(*s))
 def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monkeypatch):
@@ -167,6 +169,76 @@ def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monke
         runs.append((y, h_T, c_T, *grads, *inference))
     for one, two in zip(*runs):
         np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(12, 64, 128),  # one tile carried
+     (31, 11, 21), (13, 7, 9),  # a partial block of units; thirds of D of unequal size
+     (25, 300, 20),  # more projection k values a step than pairs of step k values
+     (100, 256, 256)],
+    ids=lambda s: "T{}D{}H{}".format(*s),
+)
+def test_steps_carrying_the_projection_give_the_same_bits(shape, monkeypatch):
+    """At B = 1 on the AVX-512 build, float32 steps compute slices of the input projection of
+    later steps: the same bits as projecting every row before the time loop, on one thread,
+    two, and going on alone."""
+    if _lstm_cython.cpu_isa() != "avx512":
+        pytest.skip("the steps carry the projection on the AVX-512 build only")
+    T, D, H = shape
+    assert _lstm_cython.isa() == "avx512"
+    assert _lstm_cython.steps_carry_projection(4, 1, D, H)
+    monkeypatch.setattr(cython_backend, "_backoff", always_threads())
+    args = make_problem(T, 1, D, H, dtype=np.float32)
+    dy, dh_T, dc_T = make_upstream(T, 1, H, dtype=np.float32)
+    lengths = np.array([T - 5], np.intp)
+
+    def outputs():
+        y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="cython", return_cache=True)
+        grads = fastlstm.lstm_backward(dy, cache, dh_T, dc_T)
+        inference = fastlstm.lstm_forward(**args, backend="cython")
+        padded = forward_padded(**args, backend="cython", lengths=lengths)
+        return (y, h_T, c_T, *grads, *inference, *padded)
+
+    runs = []
+    for carried, n_threads, spins in [(False, 1, None), (True, 1, None), (True, 2, None),
+                                      (True, 2, 0)]:
+        before = _lstm_cython._set_projection_in_steps(carried)
+        spins_before = _lstm_cython._set_barrier_spins(spins) if spins is not None else None
+        fastlstm.set_num_threads(n_threads)
+        try:
+            runs.append(outputs())
+        finally:
+            fastlstm.set_num_threads(None)
+            _lstm_cython._set_projection_in_steps(before)
+            if spins_before is not None:
+                _lstm_cython._set_barrier_spins(spins_before)
+    for other in runs[1:]:
+        for want, got in zip(runs[0], other):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_steps_carry_the_projection_only_where_measured_faster():
+    """Float32, B = 1, D >= H / 2, the AVX-512 build: not float64, batches, a small D, other
+    builds or with the switch off."""
+    if _lstm_cython.cpu_isa() != "avx512":
+        pytest.skip("the steps carry the projection on the AVX-512 build only")
+    carry = _lstm_cython.steps_carry_projection
+    assert carry(4, 1, 64, 128)
+    assert not carry(8, 1, 64, 128)
+    assert not carry(4, 2, 64, 128)
+    assert not carry(4, 1, 63, 128)
+    before = _lstm_cython.isa()
+    try:
+        _lstm_cython._set_isa("avx2")
+        assert not carry(4, 1, 64, 128)
+    finally:
+        _lstm_cython._set_isa(before)
+    before = _lstm_cython._set_projection_in_steps(False)
+    try:
+        assert not carry(4, 1, 64, 128)
+    finally:
+        _lstm_cython._set_projection_in_steps(before)
 
 
 @pytest.mark.parametrize("shape", [(32, 128, 256), (1, 40, 300)],

@@ -10,7 +10,9 @@ Two ways through the time loops, chosen by the caller:
 - small batches (`forward`, ``use_matvec`` in `backward`): the threads split the hidden units
   (all four gates of a unit together) and run the whole sequence in ONE parallel region with a
   barrier per step. The input projection ``x @ Wx`` comes first, each thread's onto its own
-  units, by register tiles over Wx packed the same way as Wh (project_blocks).
+  units, by register tiles over Wx packed the same way as Wh (project_blocks); at B = 1 in
+  float32 on AVX-512, the steps compute most of it instead, six steps ahead
+  (forward_step_projecting), their FMAs running while the step waits on the stream of Wh.
   A forward step is a fused product over pre-arranged (packed) recurrent weights plus the cell
   update (forward_step, or forward_tiles from 4 rows, in csrc/lstm_kernels_impl.h); a backward
   step is the cell's backward and dh = da @ Wh.T over Wh.T packed once per call
@@ -97,6 +99,14 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
     void fastlstm_project_blocks_f64(const double *packed_x, Py_ssize_t D, Py_ssize_t H,
                                      const double *x, Py_ssize_t rows, const double *b,
                                      double *gates, Py_ssize_t blk_begin, Py_ssize_t blk_end)
+    int FASTLSTM_PIPE_STEPS
+    void fastlstm_forward_step_projecting_f32(const float *packed, Py_ssize_t H,
+                                              const float *h_prev, float *gates,
+                                              const float *c_prev, float *c, float *h,
+                                              float *tanh_c, Py_ssize_t blk_begin,
+                                              Py_ssize_t blk_end, const float *packed_x,
+                                              Py_ssize_t D, const float *tile_x, const float *b,
+                                              float *tile_gates, int phase)
     void fastlstm_backward_dh_panels_f32(const float *packed_t, Py_ssize_t H, Py_ssize_t rows,
                                          const float *da, float *dh, Py_ssize_t blk_begin,
                                          Py_ssize_t blk_end)
@@ -428,6 +438,51 @@ cdef inline void _wait_for_solo_thread(fastlstm_barrier *barrier) noexcept nogil
     fastlstm_barrier_wait(barrier, fastlstm_team_size())
 
 
+cdef inline void _project_blocks(const floating *packed_x, Py_ssize_t D, Py_ssize_t H,
+                                 const floating *x, Py_ssize_t rows, const floating *b,
+                                 floating *gates, Py_ssize_t blk_begin,
+                                 Py_ssize_t blk_end) noexcept nogil:
+    if floating is float:
+        fastlstm_project_blocks_f32(packed_x, D, H, x, rows, b, gates, blk_begin, blk_end)
+    else:
+        fastlstm_project_blocks_f64(packed_x, D, H, x, rows, b, gates, blk_begin, blk_end)
+
+
+# Off: the forward steps never carry the input projection (the tests compare both ways).
+cdef bint projection_in_steps = True
+
+
+def _set_projection_in_steps(bint on):
+    """Let the B = 1 forward steps carry the input projection of later steps where
+    `steps_carry_projection` says so (True), or never (False); returns the old setting.
+    Private: for the tests, which check that both ways give the same bits."""
+    global projection_in_steps
+    old = projection_in_steps
+    projection_in_steps = on
+    return old
+
+
+cdef inline bint _steps_carry_projection(Py_ssize_t itemsize, Py_ssize_t B, Py_ssize_t D,
+                                         Py_ssize_t H) noexcept nogil:
+    """Whether the forward steps carry the input projection of later steps
+    (forward_step_projecting), rather than all of it coming before the time loop: in float32
+    at B = 1, on the AVX-512 build, and for D >= H / 2. Float32, T = 100, 2 threads, median of
+    per-round ratios of the two ways in one process (`_set_projection_in_steps`): (D, H) =
+    (256, 256) 0.93, (512, 512) 0.91, (256, 128) 0.93, (128, 128) 0.95, (64, 128) 1.00,
+    (64, 256) 1.02, (64, 512) 1.02; one thread (64, 128) 0.96, (256, 256) 0.93. The AVX2 build,
+    whose 16 vector registers cannot hold its 20 accumulators, ran 1.42-1.45x slower; float64
+    on AVX-512 (twice the blocks and bytes of Wh a step) 1.07x at (64, 128), 1.04x at (256, 256)."""
+    return (projection_in_steps and itemsize == 4 and B == 1
+            and fastlstm_isa == FASTLSTM_ISA_AVX512 and 2 * D >= H)
+
+
+def steps_carry_projection(dtype_size, Py_ssize_t B, Py_ssize_t D, Py_ssize_t H):
+    """Whether `forward` on elements of dtype_size bytes, at batch size B, input size D and
+    hidden size H has its time steps compute the input projection of later steps (with the
+    kernel build in use)."""
+    return _steps_carry_projection(dtype_size, B, D, H)
+
+
 cdef bint _forward_matvec(const floating *x, const floating *packed_x, const floating *b,
                           const floating *packed, const floating *h0, const floating *c0,
                           floating *gates, floating *y, floating *c_store, floating *tanh_c,
@@ -444,6 +499,10 @@ cdef bint _forward_matvec(const floating *x, const floating *packed_x, const flo
     rows, D = 64) 31-34 µs here vs 38 µs by OpenBLAS, S2 (D = 256) 232-237 vs 286 µs. Whole
     forward calls, 2 threads, median of the per-pair ratios of alternating processes: S1 0.94x
     (25 pairs), S2 0.93x (20 pairs), through `lstm_forward` and through `LSTM` alike.
+
+    Where `_steps_carry_projection` says so (float32, B = 1, AVX-512), a thread projects only
+    the first tile of steps and the rows past the last whole tile up front; the steps of each
+    tile then compute the next tile's projection between their loads of Wh.
     """
     cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t n_blocks = (H + units - 1) // units
@@ -457,24 +516,39 @@ cdef bint _forward_matvec(const floating *x, const floating *packed_x, const flo
     cdef floating *tc
     cdef bint went_solo
     cdef fastlstm_barrier barrier
+    # At B = 1, tiles 1 .. carried_tiles of FASTLSTM_PIPE_STEPS rows are projected by the steps
+    # of the tile before each (forward_step_projecting); rows from `tail` on, up front.
+    cdef Py_ssize_t tile, carried_tiles = 0, tail = 0
+    if _steps_carry_projection(sizeof(floating), B, D, H):
+        carried_tiles = max(0, T // FASTLSTM_PIPE_STEPS - 1)
+        tail = (carried_tiles + 1) * FASTLSTM_PIPE_STEPS
     fastlstm_barrier_init(&barrier)
     with parallel(num_threads=n_threads):
         team = fastlstm_team_size()
         blk_begin = _bound(n_blocks, team, threadid(), 1)
         blk_end = _bound(n_blocks, team, threadid() + 1, 1)
         went_solo = False
-        # gates[:, this thread's units] = x @ Wx[:, those units] + b
-        if floating is float:
-            fastlstm_project_blocks_f32(packed_x, D, H, x, T * B, b, gates, blk_begin, blk_end)
+        # gates[:, this thread's units] = x @ Wx[:, those units] + b: all rows here, or at B = 1
+        # the first tile and the rows past the last whole tile, the steps carrying the rest
+        if carried_tiles == 0:
+            _project_blocks(packed_x, D, H, x, T * B, b, gates, blk_begin, blk_end)
         else:
-            fastlstm_project_blocks_f64(packed_x, D, H, x, T * B, b, gates, blk_begin, blk_end)
+            _project_blocks(packed_x, D, H, x, FASTLSTM_PIPE_STEPS, b, gates, blk_begin, blk_end)
+            _project_blocks(packed_x, D, H, x + tail * D, T - tail, b, gates + tail * G,
+                            blk_begin, blk_end)
         for t in range(T):
             h_prev = h0 if t == 0 else y + (t - 1) * BH
             c = c_store + t * BH if keep_history else c_store
             c_prev = (c0 if t == 0 else c - BH) if keep_history else c
             tc = tanh_c + t * BH if keep_history else NULL
             # gates[t] += h_prev @ Wh, then the cell update, for this thread's units
-            if B >= TILE_MIN_ROWS:
+            tile = t // FASTLSTM_PIPE_STEPS + 1
+            if floating is float and tile <= carried_tiles:
+                fastlstm_forward_step_projecting_f32(
+                    packed, H, h_prev, gates + t * G, c_prev, c, y + t * H, tc, blk_begin,
+                    blk_end, packed_x, D, x + tile * FASTLSTM_PIPE_STEPS * D, b,
+                    gates + tile * FASTLSTM_PIPE_STEPS * G, t % FASTLSTM_PIPE_STEPS)
+            elif B >= TILE_MIN_ROWS:
                 if floating is float:
                     fastlstm_forward_tiles_f32(packed, H, h_prev, gates + t * B * G, c_prev, c,
                                                y + t * BH, tc, 0, B, blk_begin, blk_end)

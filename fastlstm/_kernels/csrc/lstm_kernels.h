@@ -33,6 +33,11 @@
 /* The x86-64-v4 set (Skylake-X, Zen 4 and later): 64-byte vectors, 32 vector registers. */
 #define FASTLSTM_AVX512_ATTR __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 
+/* Steps over which forward_step_projecting spreads the input projection of one tile of six rows
+ * (at B = 1, the rows of six later steps): each block's [i|f] panel in thirds of D over the first
+ * three, its [o|g] panel over the last three. */
+#define FASTLSTM_PIPE_STEPS 6
+
 /* ---- float ---- */
 #define REAL float
 #define IREAL int32_t
@@ -175,6 +180,11 @@ static int fastlstm_units_f64(void) { return fastlstm_isa == FASTLSTM_ISA_AVX512
 #define fastlstm_forward_tiles_f64 FASTLSTM_PICK(forward_tiles, f64)
 #define fastlstm_project_blocks_f32 FASTLSTM_PICK(project_blocks, f32)
 #define fastlstm_project_blocks_f64 FASTLSTM_PICK(project_blocks, f64)
+#if FASTLSTM_X86_SIMD
+#define fastlstm_forward_step_projecting_f32 forward_step_projecting_f32_avx512
+#else /* never called: the steps carry the projection on the AVX-512 build only */
+#define fastlstm_forward_step_projecting_f32(...) ((void)0)
+#endif
 #define fastlstm_backward_dh_tiles_f32 FASTLSTM_PICK(backward_dh_tiles, f32)
 #define fastlstm_backward_dh_panels_f32 FASTLSTM_PICK(backward_dh_panels, f32)
 #define fastlstm_backward_dh_panels_f64 FASTLSTM_PICK(backward_dh_panels, f64)

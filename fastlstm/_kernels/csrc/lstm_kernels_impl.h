@@ -208,6 +208,23 @@ KERNEL_ATTR static inline void SUFFIX(accumulate_two_rows)(const REAL *w_if, con
     SUFFIX(add_to_gates)(ib, fb, ob, gb, gates_b, H, u, n);
 }
 
+/* The sums of accumulate_one_row (also in forward_step_projecting): the weights of k (and k + 1)
+ * from the panels w_if, w_og times hr[k] (hr[k + 1]) into the even (odd) chains ie..ge (io..go) */
+#define ONE_ROW_EVEN(k)                                                                            \
+    const REAL *a_if = w_if + 2 * LANES * (k), *a_og = w_og + 2 * LANES * (k);                     \
+    VEC h_even = SUFFIX(vbroadcast)(hr[k]);                                                        \
+    ie += h_even * SUFFIX(vload)(a_if);                                                            \
+    fe += h_even * SUFFIX(vload)(a_if + LANES);                                                    \
+    oe += h_even * SUFFIX(vload)(a_og);                                                            \
+    ge += h_even * SUFFIX(vload)(a_og + LANES);
+#define ONE_ROW_PAIR(k)                                                                            \
+    ONE_ROW_EVEN(k)                                                                                \
+    VEC h_odd = SUFFIX(vbroadcast)(hr[(k) + 1]);                                                   \
+    io += h_odd * SUFFIX(vload)(a_if + 2 * LANES);                                                 \
+    fo += h_odd * SUFFIX(vload)(a_if + 3 * LANES);                                                 \
+    oo += h_odd * SUFFIX(vload)(a_og + 2 * LANES);                                                 \
+    go += h_odd * SUFFIX(vload)(a_og + 3 * LANES);
+
 /* One row: the same sum with k split into even and odd halves, for 8 independent chains. */
 KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w_if, const REAL *w_og,
                                                           const REAL *hr, Py_ssize_t k0,
@@ -218,24 +235,10 @@ KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w_if, cons
     VEC ie = {0}, fe = {0}, oe = {0}, ge = {0}, io = {0}, fo = {0}, oo = {0}, go = {0};
     Py_ssize_t k = k0;
     for (; k + 2 <= k1; k += 2) {
-        const REAL *a_if = w_if + 2 * LANES * k, *a_og = w_og + 2 * LANES * k;
-        VEC a = SUFFIX(vbroadcast)(hr[k]), b = SUFFIX(vbroadcast)(hr[k + 1]);
-        ie += a * SUFFIX(vload)(a_if);
-        fe += a * SUFFIX(vload)(a_if + LANES);
-        oe += a * SUFFIX(vload)(a_og);
-        ge += a * SUFFIX(vload)(a_og + LANES);
-        io += b * SUFFIX(vload)(a_if + 2 * LANES);
-        fo += b * SUFFIX(vload)(a_if + 3 * LANES);
-        oo += b * SUFFIX(vload)(a_og + 2 * LANES);
-        go += b * SUFFIX(vload)(a_og + 3 * LANES);
+        ONE_ROW_PAIR(k)
     }
     if (k < k1) {
-        const REAL *a_if = w_if + 2 * LANES * k, *a_og = w_og + 2 * LANES * k;
-        VEC a = SUFFIX(vbroadcast)(hr[k]);
-        ie += a * SUFFIX(vload)(a_if);
-        fe += a * SUFFIX(vload)(a_if + LANES);
-        oe += a * SUFFIX(vload)(a_og);
-        ge += a * SUFFIX(vload)(a_og + LANES);
+        ONE_ROW_EVEN(k)
     }
     SUFFIX(add_to_gates)(ie + io, fe + fo, oe + oo, ge + go, gates_r, H, u, n);
 }
@@ -276,8 +279,6 @@ KERNEL_ATTR static void SUFFIX(forward_step)(const REAL *packed, Py_ssize_t H, P
                                 tanh_c ? tanh_c + r * H : NULL, u, u + n);
     }
 }
-
-#undef KC
 
 /* ---- register-blocked tiles for batches ----
  * The batch time loops compute C (rows × n) (+)= A (rows × K) @ P (K × n) for a new A every step
@@ -420,6 +421,129 @@ KERNEL_ATTR static void SUFFIX(project_blocks)(const REAL *packed_x, Py_ssize_t 
         }
     }
 }
+
+/* ---- the B = 1 forward step carrying the input projection of later steps ----
+ * A step at B = 1 streams the thread's share of Wh from L2 and leaves the FMA units partly idle;
+ * the input projection is the opposite (register tiles, FMA-bound). So a step can also compute a
+ * slice of the projection of six later rows, interleaved with its stream. One thread's part,
+ * float32, AVX-512, TSC cycles a step (a C prototype, one core): S1 step 3,070 + projection
+ * 730 = 3,820 run apart, 3,500 interleaved; S2 12,900 + 6,100 = 19,400 apart, 16,500
+ * interleaved. */
+
+#if LANES == 16 /* the float32 AVX-512 build only: see _steps_carry_projection in the .pyx */
+
+/* *p = acc, or bias + acc (the order of project_blocks' sum) when bias is not NULL, for the
+ * n <= LANES units from p */
+KERNEL_ATTR static inline void SUFFIX(store_slice)(REAL *p, VEC acc, const REAL *bias, Py_ssize_t n)
+{
+    if (n >= LANES) {
+        SUFFIX(vstore)(p, bias ? SUFFIX(vload)(bias) + acc : acc);
+        return;
+    }
+    for (Py_ssize_t j = 0; j < n; j++)
+        p[j] = bias ? bias[j] + acc[j] : acc[j];
+}
+
+/* The partial sums of n <= LANES units stored by store_slice, zero past n */
+KERNEL_ATTR static inline VEC SUFFIX(load_slice)(const REAL *p, Py_ssize_t n)
+{
+    if (n >= LANES)
+        return SUFFIX(vload)(p);
+    VEC v = {0};
+    for (Py_ssize_t j = 0; j < n; j++)
+        v[j] = p[j];
+    return v;
+}
+
+/* forward_step at one row, which also computes phase `phase` (0 <= phase < FASTLSTM_PIPE_STEPS)
+ * of the input projection of six later rows for the same blocks:
+ *   tile_gates[r·4H + q·H + u] = b[q·H + u] + Σ_k tile_x[r·D + k] · Wx[k, q·H + u]    (r < 6)
+ * for the gates q of panel phase / 3 and k in third phase % 3 of [0, D). Between phases the
+ * partial sums wait in tile_gates; the last third adds b. Each sum is the one sequential chain
+ * over k of project_blocks, so the gates come out bit for bit the same. The step's own sums are
+ * those of accumulate_one_row. `packed_x`: Wx arranged as for project_blocks. */
+KERNEL_ATTR static void SUFFIX(forward_step_projecting)(
+    const REAL *packed, Py_ssize_t H, const REAL *h_prev, REAL *gates, const REAL *c_prev,
+    REAL *c, REAL *h, REAL *tanh_c, Py_ssize_t blk_begin, Py_ssize_t blk_end,
+    const REAL *packed_x, Py_ssize_t D, const REAL *tile_x, const REAL *b, REAL *tile_gates,
+    int phase)
+{
+    const Py_ssize_t G = 4 * H;
+    const int half = phase / 3, third = phase % 3;
+    const Py_ssize_t pk_begin = D * third / 3, pk_end = D * (third + 1) / 3;
+    /* `burst` projection k values after every `every` pairs of step k values: a fixed pattern
+     * the branch predictor learns (a running fraction, its pattern 128 pairs long at S1, made S1
+     * 4% slower) */
+    const Py_ssize_t share = pk_end - pk_begin, pairs = H / 2 > 0 ? H / 2 : 1;
+    const Py_ssize_t every = share > 0 && pairs > share ? pairs / share : 1;
+    const Py_ssize_t burst = share > pairs ? share / pairs : 1;
+    const REAL *hr = h_prev; /* for ONE_ROW_PAIR */
+    const REAL *x0 = tile_x, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D, *x4 = x3 + D, *x5 = x4 + D;
+    for (Py_ssize_t blk = blk_begin; blk < blk_end; blk++) {
+        const REAL *w_if = packed + blk * H * 4 * LANES, *w_og = w_if + H * 2 * LANES;
+        const REAL *panel = packed_x + blk * D * 4 * LANES + half * D * 2 * LANES;
+        Py_ssize_t u = blk * LANES;
+        Py_ssize_t n = H - u < LANES ? H - u : LANES;
+        REAL *lo_gates = tile_gates + 2 * half * H + u, *hi_gates = lo_gates + H;
+        VEC lo0 = {0}, hi0 = {0}, lo1 = {0}, hi1 = {0}, lo2 = {0}, hi2 = {0};
+        VEC lo3 = {0}, hi3 = {0}, lo4 = {0}, hi4 = {0}, lo5 = {0}, hi5 = {0};
+        if (third > 0) {
+#define LOAD_ROW(r)                                                                              \
+    lo##r = SUFFIX(load_slice)(lo_gates + r * G, n);                                             \
+    hi##r = SUFFIX(load_slice)(hi_gates + r * G, n);
+            LOAD_ROW(0) LOAD_ROW(1) LOAD_ROW(2) LOAD_ROW(3) LOAD_ROW(4) LOAD_ROW(5)
+#undef LOAD_ROW
+        }
+        Py_ssize_t pk = pk_begin, since = 0;
+#define PROJECT_K()                                                                              \
+    do {                                                                                         \
+        VEC w_lo = SUFFIX(vload)(panel + 2 * LANES * pk);                                        \
+        VEC w_hi = SUFFIX(vload)(panel + 2 * LANES * pk + LANES);                                \
+        VEC s;                                                                                   \
+        s = SUFFIX(vbroadcast)(x0[pk]), lo0 += s * w_lo, hi0 += s * w_hi;                        \
+        s = SUFFIX(vbroadcast)(x1[pk]), lo1 += s * w_lo, hi1 += s * w_hi;                        \
+        s = SUFFIX(vbroadcast)(x2[pk]), lo2 += s * w_lo, hi2 += s * w_hi;                        \
+        s = SUFFIX(vbroadcast)(x3[pk]), lo3 += s * w_lo, hi3 += s * w_hi;                        \
+        s = SUFFIX(vbroadcast)(x4[pk]), lo4 += s * w_lo, hi4 += s * w_hi;                        \
+        s = SUFFIX(vbroadcast)(x5[pk]), lo5 += s * w_lo, hi5 += s * w_hi;                        \
+        pk++;                                                                                    \
+    } while (0)
+        for (Py_ssize_t k0 = 0; k0 < H; k0 += KC) {
+            Py_ssize_t k1 = k0 + KC < H ? k0 + KC : H;
+            VEC ie = {0}, fe = {0}, oe = {0}, ge = {0}, io = {0}, fo = {0}, oo = {0}, go = {0};
+            Py_ssize_t k = k0;
+            for (; k + 2 <= k1; k += 2) {
+                ONE_ROW_PAIR(k)
+                if (++since == every) {
+                    since = 0;
+                    for (Py_ssize_t j = 0; j < burst && pk < pk_end; j++)
+                        PROJECT_K();
+                }
+            }
+            if (k < k1) {
+                ONE_ROW_EVEN(k)
+            }
+            SUFFIX(add_to_gates)(ie + io, fe + fo, oe + oo, ge + go, gates, H, u, n);
+        }
+        while (pk < pk_end)
+            PROJECT_K();
+#undef PROJECT_K
+        const REAL *b_lo = third == 2 ? b + 2 * half * H + u : NULL;
+        const REAL *b_hi = third == 2 ? b_lo + H : NULL;
+#define STORE_ROW(r)                                                                             \
+    SUFFIX(store_slice)(lo_gates + r * G, lo##r, b_lo, n);                                       \
+    SUFFIX(store_slice)(hi_gates + r * G, hi##r, b_hi, n);
+        STORE_ROW(0) STORE_ROW(1) STORE_ROW(2) STORE_ROW(3) STORE_ROW(4) STORE_ROW(5)
+#undef STORE_ROW
+        SUFFIX(cell_update)(gates, H, c_prev, c, h, tanh_c, u, u + n);
+    }
+}
+
+#endif /* LANES == 16 */
+
+#undef ONE_ROW_PAIR
+#undef ONE_ROW_EVEN
+#undef KC
 
 /* dh[r, j] = Σ_k da[r, k] · Wh[j, k] (dh = da @ Wh.T, k < 4H) for rows [row_begin, row_end) and
  * all j. `packed_t` is Wh.T arranged by pack_transposed_weights: per block of 2·LANES hidden
