@@ -11,8 +11,9 @@ Two ways through the time loops, chosen by the caller:
   (all four gates of a unit together) and run the whole sequence in ONE parallel region with a
   barrier per step. The input projection ``x @ Wx`` comes first, each thread's onto its own
   units, by register tiles over Wx packed the same way as Wh (project_blocks); at B = 1 in
-  float32 on AVX-512 with D >= H, the steps compute most of it instead, six steps ahead
-  (forward_step_projecting), their FMAs running while the step waits on the stream of Wh.
+  float32 on one thread (AVX-512, D >= H / 2), the steps compute most of it instead, six
+  steps ahead (forward_step_projecting), their FMAs running while a step waits on the stream
+  of Wh.
   A forward step is a fused product over pre-arranged (packed) recurrent weights plus the cell
   update (forward_step, or forward_tiles from 4 rows, in csrc/lstm_kernels_impl.h); a backward
   step is the cell's backward and dh = da @ Wh.T over Wh.T packed once per call
@@ -466,20 +467,21 @@ cdef inline bint _steps_carry_projection(Py_ssize_t itemsize, Py_ssize_t B, Py_s
                                          Py_ssize_t H, int n_threads) noexcept nogil:
     """Whether the forward steps carry the input projection of later steps
     (forward_step_projecting), rather than all of it coming before the time loop: in float32
-    at B = 1, on the AVX-512 build, for D >= H (on one thread D >= H / 2).
+    at B = 1 on one thread (as the back-off runs calls when the cores are busy), on the AVX-512
+    build, for D >= H / 2.
 
     Measured, float32, T = 100, median of per-round ratios of the two ways in one process
-    (`_set_projection_in_steps`), on a quiet machine (GEMM peak ~200 GFLOP/s), 2 threads:
-    (D, H) = (256, 256) 0.93, (512, 512) 0.91, (256, 128) 0.93, (128, 128) 0.95, (64, 128)
-    1.00, (64, 256) 1.02, (64, 512) 1.02; one thread (64, 128) 0.96, (256, 256) 0.93. With
-    the machine busy (peak ~188), 2 threads: (256, 256) 0.98-1.01, (64, 128) 1.03-1.07; one
-    thread (256, 256) 0.88, (64, 128) 0.95. The AVX2 build, whose 16 vector registers cannot
-    hold the 20 accumulators, ran 1.42-1.45x slower; float64 on AVX-512 (twice the blocks and
-    bytes of Wh a step) 1.07x at (64, 128) and 1.04x at (256, 256).
+    (`_set_projection_in_steps`). One thread: (D, H) = (64, 128) 0.95-0.97, (256, 256)
+    0.88-0.99, quiet machine or busy. Two threads, where every step ends at a barrier: on a
+    quiet machine (GEMM peak ~200 GFLOP/s) (256, 256) 0.93, (512, 512) 0.91, (128, 128) 0.95,
+    (64, 128) 1.00, (64, 256) 1.02; on a busy one (peak 163-191) (256, 256) 0.98-1.24 over five
+    sets, (64, 128) 1.03-1.07: the work moved into the steps waits for the slower of the two
+    threads at every step. The AVX2 build, whose 16 vector registers cannot hold the 20
+    accumulators, ran 1.42-1.45x slower; float64 on AVX-512 (twice the blocks and bytes of Wh
+    a step) 1.07x at (64, 128) and 1.04x at (256, 256), two threads.
     """
-    return (projection_in_steps and itemsize == 4 and B == 1
-            and fastlstm_isa == FASTLSTM_ISA_AVX512
-            and (D >= H or (n_threads == 1 and 2 * D >= H)))
+    return (projection_in_steps and itemsize == 4 and B == 1 and n_threads == 1
+            and fastlstm_isa == FASTLSTM_ISA_AVX512 and 2 * D >= H)
 
 
 def steps_carry_projection(dtype_size, Py_ssize_t B, Py_ssize_t D, Py_ssize_t H,
@@ -507,7 +509,7 @@ cdef bint _forward_matvec(const floating *x, const floating *packed_x, const flo
     forward calls, 2 threads, median of the per-pair ratios of alternating processes: S1 0.94x
     (25 pairs), S2 0.93x (20 pairs), through `lstm_forward` and through `LSTM` alike.
 
-    Where `_steps_carry_projection` says so (float32, B = 1, AVX-512, D >= H), a thread
+    Where `_steps_carry_projection` says so (float32, B = 1, one thread), the thread
     projects only the first tile of steps and the rows past the last whole tile up front; the
     steps of each tile then compute the next tile's projection between their loads of Wh.
     """
