@@ -474,7 +474,7 @@ cdef inline bint _steps_carry_projection(Py_ssize_t itemsize, Py_ssize_t B, Py_s
     (`_set_projection_in_steps`). One thread: (D, H) = (64, 128) 0.95-0.97, (256, 256)
     0.88-0.99, quiet machine or busy. Two threads, where every step ends at a barrier: on a
     quiet machine (GEMM peak ~200 GFLOP/s) (256, 256) 0.93, (512, 512) 0.91, (128, 128) 0.95,
-    (64, 128) 1.00, (64, 256) 1.02; on a busy one (peak 163-191) (256, 256) 0.98-1.24 over five
+    (64, 128) 1.00, (64, 256) 1.02; on a busy one (peak 163-191) (256, 256) 0.98-1.24 over seven
     sets, (64, 128) 1.03-1.07: the work moved into the steps waits for the slower of the two
     threads at every step. The AVX2 build, whose 16 vector registers cannot hold the 20
     accumulators, ran 1.42-1.45x slower; float64 on AVX-512 (twice the blocks and bytes of Wh
