@@ -74,11 +74,11 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
     void fastlstm_forward_step_f32(const float *packed, Py_ssize_t H, Py_ssize_t rows,
                                    const float *h_prev, float *gates, const float *c_prev,
                                    float *c, float *h, float *tanh_c, Py_ssize_t blk_begin,
-                                   Py_ssize_t blk_end)
+                                   Py_ssize_t blk_end, int descending)
     void fastlstm_forward_step_f64(const double *packed, Py_ssize_t H, Py_ssize_t rows,
                                    const double *h_prev, double *gates, const double *c_prev,
                                    double *c, double *h, double *tanh_c, Py_ssize_t blk_begin,
-                                   Py_ssize_t blk_end)
+                                   Py_ssize_t blk_end, int descending)
     void fastlstm_backward_cell_f32(const float *gates, Py_ssize_t H, const float *c_prev,
                                     const float *tanh_c, const float *dy, const float *dh,
                                     float *dc, float *da, Py_ssize_t u_begin, Py_ssize_t u_end)
@@ -107,7 +107,7 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
                                               float *tanh_c, Py_ssize_t blk_begin,
                                               Py_ssize_t blk_end, const float *packed_x,
                                               Py_ssize_t D, const float *tile_x, const float *b,
-                                              float *tile_gates, int phase)
+                                              float *tile_gates, int phase, int descending)
     void fastlstm_backward_dh_panels_f32(const float *packed_t, Py_ssize_t H, Py_ssize_t rows,
                                          const float *da, float *dh, Py_ssize_t blk_begin,
                                          Py_ssize_t blk_end)
@@ -556,7 +556,7 @@ cdef bint _forward_matvec(const floating *x, const floating *packed_x, const flo
                 fastlstm_forward_step_projecting_f32(
                     packed, H, h_prev, gates + t * G, c_prev, c, y + t * H, tc, blk_begin,
                     blk_end, packed_x, D, x + tile * FASTLSTM_PIPE_STEPS * D, b,
-                    gates + tile * FASTLSTM_PIPE_STEPS * G, t % FASTLSTM_PIPE_STEPS)
+                    gates + tile * FASTLSTM_PIPE_STEPS * G, t % FASTLSTM_PIPE_STEPS, t & 1)
             elif B >= TILE_MIN_ROWS:
                 if floating is float:
                     fastlstm_forward_tiles_f32(packed, H, h_prev, gates + t * B * G, c_prev, c,
@@ -566,10 +566,10 @@ cdef bint _forward_matvec(const floating *x, const floating *packed_x, const flo
                                                y + t * BH, tc, 0, B, blk_begin, blk_end)
             elif floating is float:
                 fastlstm_forward_step_f32(packed, H, B, h_prev, gates + t * B * G, c_prev, c,
-                                          y + t * BH, tc, blk_begin, blk_end)
+                                          y + t * BH, tc, blk_begin, blk_end, t & 1)
             else:
                 fastlstm_forward_step_f64(packed, H, B, h_prev, gates + t * B * G, c_prev, c,
-                                          y + t * BH, tc, blk_begin, blk_end)
+                                          y + t * BH, tc, blk_begin, blk_end, t & 1)
             _keep_last_cells(c, c_last, last_steps, t, 0, B, blk_begin * units,
                              min(H, blk_end * units), H)
             if fastlstm_barrier_wait(&barrier, team):
