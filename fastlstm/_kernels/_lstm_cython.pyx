@@ -798,32 +798,55 @@ cdef void _backward_batch(const floating *packed_t, const floating *c0, const fl
                                                row_end)
 
 
-# Most rows T·B whose weight gradients run on the register tiles rather than BLAS: OpenBLAS ran
-# these short products (K = T·B) at 40-70 GFLOP/s on one thread at S1 (T·B = 100). Longer ones
-# gain less for a scratch as large as da (forward+backward, 2 threads: S3, 1600 rows, 22.9 ->
-# 22.0 ms; S4, 6400 rows, 430 -> 418 ms with 80 MB more; S5 level). (The scratch comes from
-# the caller: malloc'd per call it was page-faulted in every time, T·B = 500 25% slower.)
+# Rows T·B up to which the weight gradients run on the register tiles rather than BLAS, on the
+# AVX2 and portable builds: OpenBLAS ran these short products (K = T·B) at 40-70 GFLOP/s on one
+# thread at S1 (T·B = 100), and longer ones gained less for a scratch as large as da (forward+
+# backward, 2 threads, on a Zen 4 machine: S3, 1600 rows, 22.9 -> 22.0 ms; S4, 6400 rows, 430 ->
+# 418 ms). Here, on Zen 5, where OpenBLAS runs its AVX2 kernels, the AVX2 tiles at S4 took
+# 1.01-1.05x BLAS's time. The AVX-512 build runs every length on the tiles: on Zen 5 (whose
+# AVX-512 units are twice as wide as its AVX2 ones) forward+backward at S4 took 0.72x the time
+# of BLAS (283 -> 204 ms) and at S5 0.76x (528 -> 399 ms). (The scratch comes from the caller:
+# malloc'd per call it was page-faulted in every time, T·B = 500 25% slower.)
 cdef enum:
     TILED_GRADIENTS_MAX_ROWS = 2048
+    # Longer products run in chunks of at most this many rows, each adding to the sums of the
+    # ones before, so that the scratch stays within a few times 2048·(4H + D + H) values.
+    TILED_GRADIENTS_CHUNK_ROWS = 2048
+
+
+cdef inline bint _tiled_gradients(Py_ssize_t rows) noexcept nogil:
+    """Whether the weight gradients over `rows` rows (T·B) run on the register tiles."""
+    return rows <= TILED_GRADIENTS_MAX_ROWS or fastlstm_isa == FASTLSTM_ISA_AVX512
+
+
+cdef inline Py_ssize_t _chunk_rows(Py_ssize_t rows) noexcept nogil:
+    """Rows of each chunk of the tiled weight gradients (the last may have fewer): the rows in
+    the fewest chunks of at most TILED_GRADIENTS_CHUNK_ROWS, near-equal, so that the chunks
+    depend on the shape alone, never on the threads."""
+    cdef Py_ssize_t chunks = max(1, (rows + TILED_GRADIENTS_CHUNK_ROWS - 1)
+                                 // TILED_GRADIENTS_CHUNK_ROWS)
+    return (rows + chunks - 1) // chunks
 
 
 cdef inline void _tile(int mr, Py_ssize_t K, const floating *a, Py_ssize_t lda,
                        const floating *panel, floating *c, Py_ssize_t n, Py_ssize_t units,
-                       Py_ssize_t ldc) noexcept nogil:
-    """c[r·ldc + j] = Σ_k a[r·lda + k] · panel[k·2U + j] for r < mr, j < n <= 2U (U = units)."""
+                       Py_ssize_t ldc, bint accumulate) noexcept nogil:
+    """c[r·ldc + j] (+)= Σ_k a[r·lda + k] · panel[k·2U + j] for r < mr, j < n <= 2U (U = units):
+    added to c's values with accumulate, else written over them."""
     if floating is float:
         fastlstm_gemm_tile_f32(mr, K, a, lda, panel, c, min(n, units), c + units,
-                               max(0, n - units), ldc, 0)
+                               max(0, n - units), ldc, accumulate)
     else:
         fastlstm_gemm_tile_f64(mr, K, a, lda, panel, c, min(n, units), c + units,
-                               max(0, n - units), ldc, 0)
+                               max(0, n - units), ldc, accumulate)
 
 
 cdef void _panel_products(const floating *a, Py_ssize_t rows, Py_ssize_t K,
                           const floating *panels, floating *out, Py_ssize_t N,
-                          Py_ssize_t p_begin, Py_ssize_t p_end) noexcept nogil:
-    """out[:, panel p's columns] = a (rows, K) @ P for p in [p_begin, p_end), P (K, N) arranged
-    in panels of K rows x 2U columns (zero past N), out (rows, N)."""
+                          Py_ssize_t p_begin, Py_ssize_t p_end, bint accumulate) noexcept nogil:
+    """out[:, panel p's columns] (+)= a (rows, K) @ P for p in [p_begin, p_end), P (K, N)
+    arranged in panels of K rows x 2U columns (zero past N), out (rows, N); added to out's
+    values with accumulate."""
     cdef Py_ssize_t units = _units(<floating *>NULL)
     cdef Py_ssize_t width = 2 * units
     cdef Py_ssize_t p, r, tiles
@@ -834,22 +857,23 @@ cdef void _panel_products(const floating *a, Py_ssize_t rows, Py_ssize_t K,
             tiles = (rows - r + 5) // 6
             mr = <int>((rows - r + tiles - 1) // tiles)
             _tile(mr, K, a + r * K, K, panels + p * K * width, out + r * N + p * width,
-                  min(width, N - p * width), units, N)
+                  min(width, N - p * width), units, N, accumulate)
             r += mr
 
 
 cdef inline Py_ssize_t _tiled_gradients_size(Py_ssize_t T, Py_ssize_t B, Py_ssize_t D,
                                              Py_ssize_t H, Py_ssize_t width) noexcept nogil:
-    """Scratch values of `_weight_gradients_tiled`: da in panels, x.T, h_prev.T, Wx.T in panels."""
-    cdef Py_ssize_t rows = T * B, G = 4 * H
+    """Scratch values of `_weight_gradients_tiled`: one chunk of rows of da in panels, of x.T
+    and of h_prev.T; Wx.T in panels."""
+    cdef Py_ssize_t rows = _chunk_rows(T * B), G = 4 * H
     return ((G + width - 1) // width * rows * width + (D + H) * rows
             + (D + width - 1) // width * G * width)
 
 
 def tiled_gradients_size(Py_ssize_t T, Py_ssize_t B, Py_ssize_t D, Py_ssize_t H, dtype_size):
     """Elements of the scratch that `backward` needs to run the weight gradients on the tiles
-    (0: those shapes run them on BLAS)."""
-    if T * B > TILED_GRADIENTS_MAX_ROWS:
+    (0: those shapes run them on BLAS with the kernel build in use)."""
+    if not _tiled_gradients(T * B):
         return 0
     return _tiled_gradients_size(T, B, D, H, 2 * units_per_block(dtype_size))
 
@@ -859,57 +883,66 @@ cdef void _weight_gradients_tiled(const floating *x, const floating *Wx, const f
                                   floating *dWx, floating *dWh, floating *db, Py_ssize_t T,
                                   Py_ssize_t B, Py_ssize_t D, Py_ssize_t H, floating *scratch,
                                   int n_threads) noexcept nogil:
-    """`_weight_gradients` by the register tiles, for at most TILED_GRADIENTS_MAX_ROWS rows:
-    da packed in panels of 2U columns, x and h_{t-1} transposed, Wx.T packed (for dx), all in
-    `scratch` (`tiled_gradients_size` values); then each thread takes its share of every
-    output's panels (dx: of its rows). Against BLAS, forward+backward, 2 threads, paired runs,
-    float32: S1 0.688 -> 0.633 ms, S2 2.69 -> 2.50, (T, B, D, H) = (500, 1, 64, 128) 2.99 ->
-    2.93, (64, 8, 256, 512) 28.7 -> 27.0; one thread, S1 CPU time 1.02 -> 0.99 ms."""
-    cdef Py_ssize_t G = 4 * H, rows = T * B
+    """`_weight_gradients` by the register tiles, a chunk of rows (`_chunk_rows`) at a time:
+    the chunk's da packed in panels of 2U columns, its x and h_{t-1} transposed, all in
+    `scratch` (`tiled_gradients_size` values); then each thread adds the chunk's products to
+    its share of every output's panels. dx needs no chunks: Wx.T packed in panels, each thread
+    its rows. Against BLAS, forward+backward, 2 threads, paired runs, float32: S1 0.688 -> 0.633
+    ms, S2 2.69 -> 2.50, (T, B, D, H) = (500, 1, 64, 128) 2.99 -> 2.93, (64, 8, 256, 512) 28.7 ->
+    27.0; one thread, S1 CPU time 1.02 -> 0.99 ms (one chunk each, on Zen 4)."""
+    cdef Py_ssize_t G = 4 * H, rows = T * B, chunk = _chunk_rows(T * B)
     cdef Py_ssize_t width = 2 * _units(<floating *>NULL)
     cdef Py_ssize_t n_da = (G + width - 1) // width, n_dx = (D + width - 1) // width
     cdef floating *da_panels = scratch
-    cdef floating *x_t = da_panels + n_da * rows * width
-    cdef floating *h_t = x_t + D * rows
-    cdef floating *wx_panels = h_t + H * rows
-    cdef Py_ssize_t p, k, j, n, r, begin, end
+    cdef floating *x_t = da_panels + n_da * chunk * width
+    cdef floating *h_t = x_t + D * chunk
+    cdef floating *wx_panels = h_t + H * chunk
+    cdef Py_ssize_t p, k, j, n, r, r0, r1, begin, end
     cdef int team, part
     cdef fastlstm_barrier barrier
     fastlstm_barrier_init(&barrier)
     with parallel(num_threads=n_threads):
         team = fastlstm_team_size()
         part = threadid()
-        for p in range(_bound(n_da, team, part, 1), _bound(n_da, team, part + 1, 1)):
-            n = min(width, G - p * width)
-            for k in range(rows):
-                memcpy(da_panels + (p * rows + k) * width, da + k * G + p * width,
-                       n * sizeof(floating))
-                for j in range(n, width):
-                    da_panels[(p * rows + k) * width + j] = 0
-        # x_t = x.T (D, rows) and h_t = h_prev.T (H, rows): row r of h_prev is h0 (first B
-        # rows) or y of the step before
-        begin = _bound(rows, team, part, 1)
-        end = _bound(rows, team, part + 1, 1)
-        _transpose(x + begin * D, D, end - begin, D, x_t + begin, rows)
-        if begin < B:
-            _transpose(h0 + begin * H, H, min(end, B) - begin, H, h_t + begin, rows)
-        if end > B:
-            r = max(begin, B)
-            _transpose(y + (r - B) * H, H, end - r, H, h_t + r, rows)
-        # every thread's panels and transposes are in place; (a busy machine's advice to go on
-        # alone is not taken: these are the last products of the call)
-        fastlstm_barrier_wait(&barrier, team)
-        begin = _bound(n_da, team, part, 1)
-        end = _bound(n_da, team, part + 1, 1)
-        _panel_products(x_t, D, rows, da_panels, dWx, G, begin, end)
-        _panel_products(h_t, H, rows, da_panels, dWh, G, begin, end)
-        for p in range(begin, end):
-            n = min(width, G - p * width)
-            for j in range(n):
-                db[p * width + j] = 0
-            for k in range(rows):
-                for j in range(n):
-                    db[p * width + j] += da_panels[(p * rows + k) * width + j]
+        r0 = 0
+        while r0 < rows:
+            r1 = min(rows, r0 + chunk)
+            if r0 > 0:
+                # every thread is done with the chunk before, whose scratch this one overwrites
+                fastlstm_barrier_wait(&barrier, team)
+            for p in range(_bound(n_da, team, part, 1), _bound(n_da, team, part + 1, 1)):
+                n = min(width, G - p * width)
+                for k in range(r1 - r0):
+                    memcpy(da_panels + (p * (r1 - r0) + k) * width, da + (r0 + k) * G + p * width,
+                           n * sizeof(floating))
+                    for j in range(n, width):
+                        da_panels[(p * (r1 - r0) + k) * width + j] = 0
+            # x_t = x[r0:r1].T (D, r1 - r0) and h_t = h_prev[r0:r1].T (H, r1 - r0): row r of
+            # h_prev is h0 (first B rows) or y of the step before
+            begin = r0 + _bound(r1 - r0, team, part, 1)
+            end = r0 + _bound(r1 - r0, team, part + 1, 1)
+            _transpose(x + begin * D, D, end - begin, D, x_t + begin - r0, r1 - r0)
+            if begin < B:
+                _transpose(h0 + begin * H, H, min(end, B) - begin, H, h_t + begin - r0, r1 - r0)
+            if end > B:
+                r = max(begin, B)
+                _transpose(y + (r - B) * H, H, end - r, H, h_t + r - r0, r1 - r0)
+            # every thread's panels and transposes are in place; (a busy machine's advice to go
+            # on alone is not taken: these are the last products of the call)
+            fastlstm_barrier_wait(&barrier, team)
+            begin = _bound(n_da, team, part, 1)
+            end = _bound(n_da, team, part + 1, 1)
+            _panel_products(x_t, D, r1 - r0, da_panels, dWx, G, begin, end, r0 > 0)
+            _panel_products(h_t, H, r1 - r0, da_panels, dWh, G, begin, end, r0 > 0)
+            for p in range(begin, end):
+                n = min(width, G - p * width)
+                if r0 == 0:
+                    for j in range(n):
+                        db[p * width + j] = 0
+                for k in range(r1 - r0):
+                    for j in range(n):
+                        db[p * width + j] += da_panels[(p * (r1 - r0) + k) * width + j]
+            r0 = r1
     if dx != NULL:
         _pack_transposed(Wx, D, G, wx_panels, n_threads)
         with parallel(num_threads=n_threads):
@@ -919,7 +952,7 @@ cdef void _weight_gradients_tiled(const floating *x, const floating *Wx, const f
             begin = _bound(rows, team, part, 1)
             end = _bound(rows, team, part + 1, 1)
             _panel_products(da + begin * G, end - begin, G, wx_panels, dx + begin * D, D, 0,
-                            n_dx)
+                            n_dx, False)
 
 
 cdef void _weight_gradients(const floating *x, const floating *Wx, const floating *h0,
