@@ -7,6 +7,7 @@ reference.
 """
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,8 +154,8 @@ def test_time_loops_going_on_alone_give_the_same_bits(shape, dtype, monkeypatch)
 def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monkeypatch):
     """The back-off (`SoloBackoff`) may run a small-batch call on one thread instead of the
     threads asked for: the results must not depend on it. (At B = 1 in float32 on the AVX-512
-    build, the one-thread steps carry the input projection and the two-thread ones do not,
-    `steps_carry_projection`.)"""
+    build, the one-thread steps carry the input projection, forced here whatever the CPU, and
+    the two-thread ones do not, `steps_carry_projection`.)"""
     monkeypatch.setattr(cython_backend, "MIN_ROWS_PER_THREAD", 10**6)  # the matvec loops
     monkeypatch.setattr(cython_backend, "_backoff", always_threads())
     args = make_problem(*shape, dtype=dtype)
@@ -162,6 +163,7 @@ def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monke
     runs = []
     for n_threads in (1, 2):
         fastlstm.set_num_threads(n_threads)
+        before = _lstm_cython._set_projection_in_steps("always")
         try:
             y, h_T, c_T, cache = fastlstm.lstm_forward(**args, backend="cython",
                                                        return_cache=True)
@@ -169,6 +171,7 @@ def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monke
             inference = fastlstm.lstm_forward(**args, backend="cython")
         finally:
             fastlstm.set_num_threads(None)
+            _lstm_cython._set_projection_in_steps(before)
         runs.append((y, h_T, c_T, *grads, *inference))
     for one, two in zip(*runs):
         np.testing.assert_array_equal(one, two)
@@ -183,13 +186,17 @@ def test_small_batch_loops_give_the_same_bits_on_any_threads(shape, dtype, monke
     ids=lambda s: "T{}D{}H{}".format(*s),
 )
 def test_steps_carrying_the_projection_give_the_same_bits(shape, monkeypatch):
-    """At B = 1 on one thread and the AVX-512 build, float32 steps compute slices of the input
-    projection of later steps: the same bits as projecting every row before the time loop (on
-    one thread, on two, and two going on alone)."""
+    """At B = 1 on one thread and the AVX-512 build, float32 steps may compute slices of the
+    input projection of later steps: the same bits as projecting every row before the time loop
+    (on one thread, on two, and two going on alone). Forced on, whatever the CPU."""
     if _lstm_cython.isa() != "avx512":
         pytest.skip("the steps carry the projection on the AVX-512 build only")
     T, D, H = shape
-    assert _lstm_cython.steps_carry_projection(4, 1, D, H, 1)
+    before = _lstm_cython._set_projection_in_steps("always")
+    try:
+        assert _lstm_cython.steps_carry_projection(4, 1, D, H, 1)
+    finally:
+        _lstm_cython._set_projection_in_steps(before)
     monkeypatch.setattr(cython_backend, "_backoff", always_threads())
     args = make_problem(T, 1, D, H, dtype=np.float32)
     dy, dh_T, dc_T = make_upstream(T, 1, H, dtype=np.float32)
@@ -203,8 +210,8 @@ def test_steps_carrying_the_projection_give_the_same_bits(shape, monkeypatch):
         return (y, h_T, c_T, *grads, *inference, *padded)
 
     runs = []
-    for carried, n_threads, spins in [(False, 1, None), (True, 1, None), (True, 2, None),
-                                      (True, 2, 0)]:
+    for carried, n_threads, spins in [("never", 1, None), ("always", 1, None),
+                                      ("always", 2, None), ("always", 2, 0)]:
         before = _lstm_cython._set_projection_in_steps(carried)
         spins_before = _lstm_cython._set_barrier_spins(spins) if spins is not None else None
         fastlstm.set_num_threads(n_threads)
@@ -220,25 +227,41 @@ def test_steps_carrying_the_projection_give_the_same_bits(shape, monkeypatch):
             np.testing.assert_array_equal(got, want)
 
 
+def test_cpu_family_agrees_with_the_kernel():
+    """The kernel's CPUID reading (AMD family 19h) against what Linux read."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or _lstm_cython.cpu_isa() == "portable":
+        pytest.skip("needs Linux's /proc/cpuinfo on an x86-64 CPU")
+    fields = {}
+    for line in cpuinfo.read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())  # the first CPU's
+    family_19h = fields["vendor_id"] == "AuthenticAMD" and int(fields["cpu family"]) == 0x19
+    assert _lstm_cython.CPU_AMD_FAMILY_19H == family_19h
+
+
 def test_steps_carry_the_projection_only_where_measured_faster():
-    """Float32, B = 1, one thread, D >= H / 2, the AVX-512 build: not float64, batches, two
-    threads, a smaller D, other builds or with the switch off."""
+    """Float32, B = 1, one thread, D >= H / 2, the AVX-512 build, on Zen 4 (AMD family 19h):
+    not float64, batches, two threads, a smaller D, other builds, other CPUs unless forced, or
+    with the switch off."""
     if _lstm_cython.isa() != "avx512":
         pytest.skip("the steps carry the projection on the AVX-512 build only")
     carry = _lstm_cython.steps_carry_projection
-    assert carry(4, 1, 64, 128, 1)
-    assert not carry(4, 1, 64, 128, 2)
-    assert not carry(4, 1, 63, 128, 1)
-    assert not carry(8, 1, 64, 128, 1)
-    assert not carry(4, 2, 64, 128, 1)
-    before = _lstm_cython.isa()
+    assert carry(4, 1, 64, 128, 1) == _lstm_cython.CPU_AMD_FAMILY_19H
+    before = _lstm_cython._set_projection_in_steps("always")
     try:
-        _lstm_cython._set_isa("avx2")
-        assert not carry(4, 1, 64, 128, 1)
-    finally:
-        _lstm_cython._set_isa(before)
-    before = _lstm_cython._set_projection_in_steps(False)
-    try:
+        assert carry(4, 1, 64, 128, 1)
+        assert not carry(4, 1, 64, 128, 2)
+        assert not carry(4, 1, 63, 128, 1)
+        assert not carry(8, 1, 64, 128, 1)
+        assert not carry(4, 2, 64, 128, 1)
+        isa_before = _lstm_cython.isa()
+        try:
+            _lstm_cython._set_isa("avx2")
+            assert not carry(4, 1, 64, 128, 1)
+        finally:
+            _lstm_cython._set_isa(isa_before)
+        _lstm_cython._set_projection_in_steps("never")
         assert not carry(4, 1, 64, 128, 1)
     finally:
         _lstm_cython._set_projection_in_steps(before)

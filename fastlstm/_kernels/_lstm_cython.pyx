@@ -49,6 +49,7 @@ cdef extern from "csrc/lstm_kernels.h" nogil:
     int FASTLSTM_ISA_AVX2
     int FASTLSTM_ISA_AVX512
     int fastlstm_cpu_isa()
+    int fastlstm_cpu_amd_family_19h()
     int fastlstm_set_isa(int wanted)
     int fastlstm_isa
     int fastlstm_units_f32()
@@ -449,18 +450,27 @@ cdef inline void _project_blocks(const floating *packed_x, Py_ssize_t D, Py_ssiz
         fastlstm_project_blocks_f64(packed_x, D, H, x, rows, b, gates, blk_begin, blk_end)
 
 
-# Off: the forward steps never carry the input projection (the tests compare both ways).
-cdef bint projection_in_steps = True
+# Where the B = 1 forward steps carry the input projection of later steps: "auto" where
+# measured faster (`_steps_carry_projection`), "always" wherever the kernel runs, whatever the
+# CPU (so that the tests check it on any AVX-512 CPU), "never".
+PROJECTION_IN_STEPS = ("never", "auto", "always")
+cdef int projection_in_steps = 1
 
 
-def _set_projection_in_steps(bint on):
-    """Let the B = 1 forward steps carry the input projection of later steps where
-    `steps_carry_projection` says so (True), or never (False); returns the old setting.
-    Private: for the tests, which check that both ways give the same bits."""
+def _set_projection_in_steps(str mode):
+    """Set where the B = 1 forward steps carry the input projection of later steps (a name of
+    PROJECTION_IN_STEPS); returns the old setting. Private: for the tests, which check that
+    every way gives the same bits."""
     global projection_in_steps
-    old = projection_in_steps
-    projection_in_steps = on
+    old = PROJECTION_IN_STEPS[projection_in_steps]
+    projection_in_steps = PROJECTION_IN_STEPS.index(mode)
     return old
+
+
+#: Whether this CPU is an AMD one of family 19h (with AVX-512: Zen 4, whose vector units take
+#: two passes for a 512-bit instruction).
+CPU_AMD_FAMILY_19H = bool(fastlstm_cpu_amd_family_19h())
+cdef bint cpu_amd_family_19h = CPU_AMD_FAMILY_19H
 
 
 cdef inline bint _steps_carry_projection(Py_ssize_t itemsize, Py_ssize_t B, Py_ssize_t D,
@@ -468,20 +478,24 @@ cdef inline bint _steps_carry_projection(Py_ssize_t itemsize, Py_ssize_t B, Py_s
     """Whether the forward steps carry the input projection of later steps
     (forward_step_projecting), rather than all of it coming before the time loop: in float32
     at B = 1 on one thread (as the back-off runs calls when the cores are busy), on the AVX-512
-    build, for D >= H / 2.
+    build, for D >= H / 2, on Zen 4 (AMD family 19h): the CPU where it was measured faster.
 
     Measured, float32, T = 100, median of per-round ratios of the two ways in one process
-    (`_set_projection_in_steps`). One thread: (D, H) = (64, 128) 0.95-0.97, (256, 256)
+    (`_set_projection_in_steps`). On Zen 4, one thread: (D, H) = (64, 128) 0.95-0.97, (256, 256)
     0.88-0.99, quiet machine or busy. Two threads, where every step ends at a barrier: on a
     quiet machine (GEMM peak ~200 GFLOP/s) (256, 256) 0.93, (512, 512) 0.91, (128, 128) 0.95,
     (64, 128) 1.00, (64, 256) 1.02; on a busy one (peak 163-191) (256, 256) 0.98-1.24 over seven
     sets, (64, 128) 1.03-1.07: the work moved into the steps waits for the slower of the two
     threads at every step. The AVX2 build, whose 16 vector registers cannot hold the 20
     accumulators, ran 1.42-1.45x slower; float64 on AVX-512 (twice the blocks and bytes of Wh
-    a step) 1.07x at (64, 128) and 1.04x at (256, 256), two threads.
+    a step) 1.07x at (64, 128) and 1.04x at (256, 256), two threads. On Zen 5 (512-bit vector
+    units, twice Zen 4's multiply-adds a cycle), carried against up front: one thread, through
+    `LSTM`, (64, 128) 1.07x (1.05-1.23 over 10 rounds), (256, 256) 1.18x (1.15-1.34); two
+    threads, through `lstm_forward`, alternating processes, (256, 256) 1.10-1.15x (3 pairs).
     """
-    return (projection_in_steps and itemsize == 4 and B == 1 and n_threads == 1
-            and fastlstm_isa == FASTLSTM_ISA_AVX512 and 2 * D >= H)
+    return (projection_in_steps != 0 and itemsize == 4 and B == 1 and n_threads == 1
+            and fastlstm_isa == FASTLSTM_ISA_AVX512 and 2 * D >= H
+            and (projection_in_steps == 2 or cpu_amd_family_19h))
 
 
 def steps_carry_projection(dtype_size, Py_ssize_t B, Py_ssize_t D, Py_ssize_t H,

@@ -21,6 +21,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTLSTM_X86_SIMD 1
+#include <cpuid.h>
 #else
 #define FASTLSTM_X86_SIMD 0
 #endif
@@ -142,6 +143,29 @@ static int fastlstm_cpu_isa(void)
     return FASTLSTM_ISA_AVX2;
 #else
     return FASTLSTM_ISA_PORTABLE;
+#endif
+}
+
+/* Whether the CPU is an AMD one of family 19h (Zen 3 and Zen 4; with AVX-512, Zen 4), whose
+ * vector units are 256 bits wide: a 512-bit instruction takes two passes. (Zen 5, family 1Ah,
+ * has 512-bit units.) */
+static int fastlstm_cpu_amd_family_19h(void)
+{
+#if FASTLSTM_X86_SIMD
+    unsigned int eax, ebx, ecx, edx;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx))
+        return 0;
+    /* the vendor string "AuthenticAMD" in ebx, edx, ecx */
+    if (ebx != 0x68747541u || edx != 0x69746e65u || ecx != 0x444d4163u)
+        return 0;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx))
+        return 0;
+    unsigned int family = (eax >> 8) & 0xfu;
+    if (family == 0xfu)
+        family += (eax >> 20) & 0xffu;
+    return family == 0x19u;
+#else
+    return 0;
 #endif
 }
 
