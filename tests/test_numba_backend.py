@@ -545,11 +545,14 @@ def test_saturated_inputs_give_no_nan(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("max_rows", [0, 10**6], ids=["blas", "tiles"])
-def test_weight_gradients_on_blas_and_on_tiles(monkeypatch, max_rows, dtype, n_threads):
-    """Both ways to the weight gradients (BLAS past TILED_GRADIENTS_MAX_ROWS rows, the tiles up
-    to it), forced either way, against the reference."""
+@pytest.mark.parametrize("max_rows, any_length", [(0, False), (10**6, False), (64, True)],
+                         ids=["blas", "tiles", "chunks"])
+def test_weight_gradients_on_blas_and_on_tiles(monkeypatch, max_rows, any_length, dtype,
+                                               n_threads):
+    """Every way to the weight gradients (BLAS past TILED_GRADIENTS_MAX_ROWS rows, the tiles up
+    to it, or the tiles in chunks of rows, here 3 of 50), forced, against the reference."""
     monkeypatch.setattr(nb, "TILED_GRADIENTS_MAX_ROWS", max_rows)
+    monkeypatch.setattr(nb, "TILED_GRADIENTS_ANY_LENGTH", any_length)
     args = make_problem(30, 5, 7, 21, dtype, seed=4)
     dy, dh_T, dc_T = make_upstream(30, 5, 21, dtype)
     outputs, grads = run("numba", args, dy, dh_T, dc_T)

@@ -161,6 +161,24 @@ def test_report_warns_when_the_machine_was_busy():
     assert setup.endswith(warning)
 
 
+def test_report_says_when_entries_beat_numpys_gemm():
+    """% peak is relative to NumPy's BLAS: past 100%, the setup line says so; the BLAS line
+    names the kernels the library chose where it tells."""
+    from fastlstm._bench import report
+
+    machine = {"cpu": "x", "cores": 2, "threads": 2, "load_before": None,
+               "blas": [{"library": "openblas", "version": "0.3", "architecture": "Haswell",
+                         "path": "libopenblas.so"}]}
+    rows = [{"percent_of_peak": 80.0}, {"percent_of_peak": 187.4}]
+    setup = report.describe_setup({"machine": machine, "dtype": "float32", "peak_gflops": 225.0,
+                                   "rows": rows})
+    assert "openblas 0.3 (Haswell kernels, libopenblas.so)" in setup
+    assert "up to 187% of that GEMM peak" in setup
+    setup = report.describe_setup({"machine": machine, "dtype": "float32", "peak_gflops": 225.0,
+                                   "rows": rows[:1]})
+    assert "% of that GEMM peak" not in setup
+
+
 def test_command_line_rejects_unknown_names():
     import subprocess
     import sys

@@ -58,7 +58,7 @@ def machine_info(n_threads):
             versions[package] = "not installed"
     blas = [
         {"library": lib.internal_api, "version": lib.version, "threading": lib.threading_layer,
-         "path": os.path.basename(lib.filepath)}
+         "architecture": getattr(lib, "architecture", None), "path": os.path.basename(lib.filepath)}
         for lib in _threads._blas_controllers()
     ]
     return {
@@ -123,13 +123,28 @@ def format_table(rows, markdown=False):
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
 
 
+def _describe_blas(library):
+    kernels = library.get("architecture")
+    where = library["path"] if kernels is None else f"{kernels} kernels, {library['path']}"
+    return f"{library['library']} {library['version']} ({where})"
+
+
 def describe_setup(report):
     m = report["machine"]
-    blas = ", ".join(f"{b['library']} {b['version']} ({b['path']})" for b in m["blas"])
+    blas = ", ".join(_describe_blas(b) for b in m["blas"])
     setup = (f"{m['cpu']}, {m['cores']} cores; {report['dtype']}, {m['threads']} threads; "
-             f"GEMM peak measured in this run: {report['peak_gflops']:.1f} GFLOP/s; BLAS: {blas}")
+             f"GEMM peak of NumPy's BLAS measured in this run: {report['peak_gflops']:.1f} "
+             f"GFLOP/s; BLAS: {blas}")
+    lines = [setup]
+    fastest = max((r["percent_of_peak"] for r in report.get("rows", [])), default=0)
+    if fastest > 100:
+        lines.append(f"note: some entries run at up to {fastest:.0f}% of that GEMM peak: on this "
+                     "CPU NumPy's BLAS is not the fastest matrix product, so % peak compares "
+                     "with it, not with the hardware's limit")
     warning = busy_warning(m)
-    return setup if warning is None else setup + "\n" + warning
+    if warning is not None:
+        lines.append(warning)
+    return "\n".join(lines)
 
 
 def write_markdown(report, path):

@@ -841,9 +841,10 @@ def _pack_columns(A, panels, p_lo, p_hi):
 
 
 @njit(**_JIT)
-def _product_panels(a, panels, K, out, p_lo, p_hi, tile):
-    """out[:, panel columns] = a (rows, K) @ P for panels p_lo..p_hi-1 of P (K rows, panels as
-    `_pack_columns` lays them out), by `_tile`; tile: scratch of TILE_ROWS·2V values."""
+def _product_panels(a, panels, K, out, p_lo, p_hi, tile, accumulate=False):
+    """out[:, panel columns] (+)= a (rows, K) @ P for panels p_lo..p_hi-1 of P (K rows, panels
+    as `_pack_columns` lays them out), by `_tile`, added to out's values with accumulate; tile:
+    scratch of TILE_ROWS·2V values."""
     rows, N = out.shape
     width = 2 * (VECTOR_BYTES // out.itemsize)
     a_flat, out_flat = a.reshape(-1), out.reshape(-1)
@@ -852,31 +853,36 @@ def _product_panels(a, panels, K, out, p_lo, p_hi, tile):
         r = 0
         while r < rows:
             mr = _next_tile_rows(rows - r)
-            if n == width:  # straight into out
+            if n == width and not accumulate:  # straight into out
                 _tile(mr, K, a_flat, r * K, K, panels, p * K * width, out_flat,
                       r * N + p * width, width // 2, N)
-            else:  # the last panel's vectors reach past N: through the scratch tile
+            else:  # through the scratch tile: to add, or where vectors reach past N
                 _tile(mr, K, a_flat, r * K, K, panels, p * K * width, tile, 0, width // 2, width)
                 for i in range(mr):
-                    out[r + i, p * width:p * width + n] = tile[i * width:i * width + n]
+                    if accumulate:
+                        out[r + i, p * width:p * width + n] += tile[i * width:i * width + n]
+                    else:
+                        out[r + i, p * width:p * width + n] = tile[i * width:i * width + n]
             r += mr
 
 
 def _tiled_gradients_size(M, D, H, itemsize):
-    """Scratch values of `_weight_gradients_tiled` for M rows: da in panels, x.T, h_prev.T and
-    Wx.T in panels."""
+    """Scratch values of `_weight_gradients_tiled` for chunks of M rows: Wx.T in panels, and a
+    chunk's da in panels, x.T and h_prev.T."""
     width = 2 * (VECTOR_BYTES // itemsize)
     G = 4 * H
-    return (G + width - 1) // width * M * width + (D + H) * M + (D + width - 1) // width * G * width
+    return (D + width - 1) // width * G * width + (G + width - 1) // width * M * width + (D + H) * M
 
 
 @njit(parallel=True, **_JIT)
 def _weight_gradients_tiled(dgates, x_rows, h_rows, Wx, need_dx, n_parts, dx_rows, dWx, dWh,
-                            db, scratch):
-    """dx = dgates @ Wx.T, dWx = x.T @ dgates, dWh = h_prev.T @ dgates, db = dgates.sum(0) by
-    `_tile` (for few rows M = T·B, where BLAS runs these products at half its peak).
+                            db, scratch, accumulate):
+    """dx = dgates @ Wx.T, dWx (+)= x.T @ dgates, dWh (+)= h_prev.T @ dgates, db (+)= dgates.sum(0)
+    by `_tile` (BLAS runs these products at half its peak for few rows, and on Zen 5 it has no
+    AVX-512 kernels), for one chunk of rows; with accumulate (the chunks after the first), the
+    sums add to those of the chunks before, and Wx.T is already packed.
 
-    dgates (M, 4H), x_rows (M, D), h_rows (M, H): every step's rows. The products' panels
+    dgates (M, 4H), x_rows (M, D), h_rows (M, H): the chunk's rows. The products' panels
     (dgates by columns, Wx.T by blocks of its columns) are packed by n_parts threads into
     scratch (`_tiled_gradients_size` values), then each thread computes its share of every
     output's column panels.
@@ -885,13 +891,15 @@ def _weight_gradients_tiled(dgates, x_rows, h_rows, Wx, need_dx, n_parts, dx_row
     D, H = x_rows.shape[1], h_rows.shape[1]
     width = 2 * (VECTOR_BYTES // dgates.itemsize)
     n_da, n_dx = (G + width - 1) // width, (D + width - 1) // width
-    da_panels = scratch[:n_da * M * width]
-    x_t = scratch[n_da * M * width:n_da * M * width + D * M].reshape(D, M)
-    h_t = scratch[n_da * M * width + D * M:n_da * M * width + (D + H) * M].reshape(H, M)
-    wx_panels = scratch[n_da * M * width + (D + H) * M:]
+    wx_size = n_dx * G * width
+    wx_panels = scratch[:wx_size]
+    da_panels = scratch[wx_size:wx_size + n_da * M * width]
+    x_t = scratch[wx_size + n_da * M * width:wx_size + n_da * M * width + D * M].reshape(D, M)
+    h_t = scratch[wx_size + n_da * M * width + D * M:
+                  wx_size + n_da * M * width + (D + H) * M].reshape(H, M)
     for part in prange(n_parts):
         _pack_columns(dgates, da_panels, part * n_da // n_parts, (part + 1) * n_da // n_parts)
-        if need_dx:
+        if need_dx and not accumulate:
             _pack_transposed(Wx, wx_panels, part * n_dx // n_parts,
                              (part + 1) * n_dx // n_parts)
         if part == 0:
@@ -901,11 +909,12 @@ def _weight_gradients_tiled(dgates, x_rows, h_rows, Wx, need_dx, n_parts, dx_row
     for part in prange(n_parts):
         tile = np.empty(TILE_ROWS * width, dtype=dgates.dtype)
         lo, hi = part * n_da // n_parts, (part + 1) * n_da // n_parts
-        _product_panels(x_t, da_panels, M, dWx, lo, hi, tile)
-        _product_panels(h_t, da_panels, M, dWh, lo, hi, tile)
+        _product_panels(x_t, da_panels, M, dWx, lo, hi, tile, accumulate)
+        _product_panels(h_t, da_panels, M, dWh, lo, hi, tile, accumulate)
         c0, c1 = lo * width, min(G, hi * width)
         column_sums = db[c0:c1]
-        column_sums[:] = 0
+        if not accumulate:
+            column_sums[:] = 0
         for k in range(M):
             row = dgates[k, c0:c1]
             for j in range(c1 - c0):
@@ -1346,6 +1355,26 @@ PARALLEL_GEMM_MIN_FMA = 4_000_000
 #: rows) 15.7 vs 14.3. Their scratch is as large as the gradient of the pre-activations.
 TILED_GRADIENTS_MAX_ROWS = 2048
 
+#: Whether longer products run on the tiles too, in chunks of at most TILED_GRADIENTS_MAX_ROWS
+#: rows, each adding to the sums of the ones before: where the tiles are AVX-512 ones. On Zen 5,
+#: whose OpenBLAS runs AVX2 kernels, forward+backward, 2 threads, BLAS vs chunked tiles, median
+#: ms over 5 calls, two alternating pairs of processes: S4 (6400 rows) 278-287 vs 194-202, S5
+#: (5120 rows) 551-566 vs 389-399.
+TILED_GRADIENTS_ANY_LENGTH = TILE_ROWS == 6
+
+
+def _tiled_gradients(rows):
+    """Whether the weight gradients over `rows` rows (T·B) run on `_tile`."""
+    return rows <= TILED_GRADIENTS_MAX_ROWS or TILED_GRADIENTS_ANY_LENGTH
+
+
+def _chunk_rows(rows):
+    """Rows of each chunk of the tiled weight gradients (the last may have fewer): the rows in
+    the fewest chunks of at most TILED_GRADIENTS_MAX_ROWS, near-equal, so that the chunks depend
+    on the shape alone, never on the threads."""
+    chunks = max(1, -(-rows // TILED_GRADIENTS_MAX_ROWS))
+    return -(-rows // chunks)
+
 
 def _matmul(A, B, n_threads):
     """A @ B as a fresh array, rows split over the threads when it is large enough."""
@@ -1561,17 +1590,22 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
                                    plan.n_workers, dh, dc, dgates)
     dgates_rows = dgates.reshape(T * B, 4 * H)
     h_rows = hs[:T].reshape(T * B, H)
-    if T * B <= TILED_GRADIENTS_MAX_ROWS:
+    if _tiled_gradients(T * B):
         dx = recycled((T, B, D) if need_dx else (0, B, D), dy.dtype)
+        dx_rows = dx.reshape(-1, D)
         dWx, dWh = recycled((D, 4 * H), dy.dtype), recycled((H, 4 * H), dy.dtype)
         db = np.empty(4 * H, dy.dtype)
+        chunk = _chunk_rows(T * B)
         gradients_scratch = scratch("numba/gradients",
-                                    (_tiled_gradients_size(T * B, D, H, dy.itemsize),), dy.dtype)
+                                    (_tiled_gradients_size(chunk, D, H, dy.itemsize),), dy.dtype)
         # On the time loop's threads: one where the back-off ran the loop on one (the tiles
         # give the same bits on any number of threads).
         with _numba_threads(plan.n_threads):
-            _weight_gradients_tiled(dgates_rows, x_rows, h_rows, Wx, need_dx, plan.n_threads,
-                                    dx.reshape(-1, D), dWx, dWh, db, gradients_scratch)
+            for r0 in range(0, T * B, chunk):
+                r1 = min(T * B, r0 + chunk)
+                _weight_gradients_tiled(dgates_rows[r0:r1], x_rows[r0:r1], h_rows[r0:r1], Wx,
+                                        need_dx, plan.n_threads, dx_rows[r0:r1], dWx, dWh, db,
+                                        gradients_scratch, r0 > 0)
         return dx if need_dx else None, dh, dc, dWx, dWh, db
     with blas_threads(1), _numba_threads(n_threads):
         dx = _matmul(dgates_rows, Wx.T, n_threads).reshape(T, B, D) if need_dx else None
@@ -1735,8 +1769,8 @@ STEP_KERNEL = StepKernel(_step_prepare, _StepBuffers, _step)
 # --------------------------------------------------------------------------------------------
 
 #: (T, B, D, H) calls that reach every kernel: split hidden units (B = 1, H >= 128), one row
-#: per thread (B = 2), row tiles (B = 5, small H), and the BLAS weight gradients (T·B above
-#: TILED_GRADIENTS_MAX_ROWS).
+#: per thread (B = 2), row tiles (B = 5, small H), and the weight gradients of T·B above
+#: TILED_GRADIENTS_MAX_ROWS (on BLAS, or in chunks on the tiles).
 _WARM_UP_SHAPES = ((3, 1, 3, SPLIT_HIDDEN_MIN_H), (3, 2, 3, SPLIT_HIDDEN_MIN_H), (3, 5, 3, 16),
                    (TILED_GRADIENTS_MAX_ROWS // 4 + 1, 5, 3, 16))
 
