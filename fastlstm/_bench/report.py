@@ -58,7 +58,8 @@ def machine_info(n_threads):
             versions[package] = "not installed"
     blas = [
         {"library": lib.internal_api, "version": lib.version, "threading": lib.threading_layer,
-         "architecture": getattr(lib, "architecture", None), "path": os.path.basename(lib.filepath)}
+         "architecture": getattr(lib, "architecture", None),
+         "path": os.path.basename(lib.filepath)}
         for lib in _threads._blas_controllers()
     ]
     return {

@@ -818,13 +818,15 @@ cdef void _backward_batch(const floating *packed_t, const floating *c0, const fl
 # backward, 2 threads, on a Zen 4 machine: S3, 1600 rows, 22.9 -> 22.0 ms; S4, 6400 rows, 430 ->
 # 418 ms). Here, on Zen 5, where OpenBLAS runs its AVX2 kernels, the AVX2 tiles at S4 took
 # 1.01-1.05x BLAS's time. The AVX-512 build runs every length on the tiles: on Zen 5 (whose
-# AVX-512 units are twice as wide as its AVX2 ones) forward+backward at S4 took 0.72x the time
-# of BLAS (283 -> 204 ms) and at S5 0.76x (528 -> 399 ms). (The scratch comes from the caller:
-# malloc'd per call it was page-faulted in every time, T·B = 500 25% slower.)
+# AVX-512 units are twice as wide as its AVX2 ones) forward+backward, median of 5 calls in
+# separate processes, took 283-289 ms on BLAS and 195-201 ms on the tiles in chunks at S4, and
+# 526-528 and 400-407 ms at S5. (The scratch comes from the caller: malloc'd per call it was
+# page-faulted in every time, T·B = 500 25% slower.)
 cdef enum:
     TILED_GRADIENTS_MAX_ROWS = 2048
     # Longer products run in chunks of at most this many rows, each adding to the sums of the
-    # ones before, so that the scratch stays within a few times 2048·(4H + D + H) values.
+    # ones before, so that the scratch stays within 2048·(4H + D + H) values plus Wx.T. (Chunks
+    # of 512 or 1024 rows were 2-6% slower at S4 and 1-4% at S3.)
     TILED_GRADIENTS_CHUNK_ROWS = 2048
 
 

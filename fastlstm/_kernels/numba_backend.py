@@ -878,8 +878,8 @@ def _tiled_gradients_size(M, D, H, itemsize):
 def _weight_gradients_tiled(dgates, x_rows, h_rows, Wx, need_dx, n_parts, dx_rows, dWx, dWh,
                             db, scratch, accumulate):
     """dx = dgates @ Wx.T, dWx (+)= x.T @ dgates, dWh (+)= h_prev.T @ dgates, db (+)= dgates.sum(0)
-    by `_tile` (BLAS runs these products at half its peak for few rows, and on Zen 5 it has no
-    AVX-512 kernels), for one chunk of rows; with accumulate (the chunks after the first), the
+    by `_tile` (BLAS runs these products at half its peak for few rows, and on Zen 5 OpenBLAS
+    runs AVX2 kernels), for one chunk of rows; with accumulate (the chunks after the first), the
     sums add to those of the chunks before, and Wx.T is already packed.
 
     dgates (M, 4H), x_rows (M, D), h_rows (M, H): the chunk's rows. The products' panels
