@@ -251,12 +251,24 @@ KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w_if, cons
  * AVX-512) stay in the 32 KiB L1 cache while every row pair of the batch reuses them. */
 #define KC 64
 
+/* k values per pass of forward_step (and of forward_step_projecting, whose sums must match it)
+ * at `rows` rows. A single row reuses nothing, and with float32 on AVX-512 (LANES 16) passes of
+ * 32 streamed faster at H >= 256. On Zen 5, 2 threads, B = 1, T = 100, through `LSTM`, median
+ * of per-pair ratios of alternating processes (8-10 pairs), 32 against 64: H = 256 (S2) 0.92,
+ * 0.93, 0.97, 0.95 (through `lstm_forward` 0.93, 0.94, 0.96), 320 0.98, 384 1.01, 512 0.94;
+ * but 192 1.01 and 128 1.02 (S1 through `lstm_forward` 1.02, 1.03). The AVX2 build at S2: 1.06;
+ * float64: 1.01. */
+static inline Py_ssize_t SUFFIX(pass_length)(Py_ssize_t rows, Py_ssize_t H)
+{
+    return rows == 1 && H >= 256 && LANES == 16 ? KC / 2 : KC;
+}
+
 /* One forward step for the hidden-unit blocks [blk_begin, blk_end) of `rows` batch rows:
  *   gates[r, q·H + u] += Σ_k h_prev[r, k] · Wh[k, q·H + u]      (gates += h_prev @ Wh)
  * then the cell update of those units. Row r of every array starts at r·H (r·4H for gates).
  * `packed` is Wh arranged by pack_recurrent_weights: per block of LANES units, a panel of H rows
  * of [i|f] × LANES, then one of [o|g] × LANES (zero past H), so each k loop streams contiguous
- * runs, in passes of KC values of k. Accumulators are named variables (an accumulator array
+ * runs, in passes of `pass_length` values of k. Accumulators are named variables (an accumulator array
  * went to the stack with gcc, DESIGN.md §6).
  * With `descending` (the caller's odd steps) the blocks, the passes and, at one row, the pairs
  * of k run in reverse, so that a step starts on the weights the step before ended on, still in
@@ -271,15 +283,16 @@ KERNEL_ATTR static void SUFFIX(forward_step)(const REAL *packed, Py_ssize_t H, P
                                              int descending)
 {
     const Py_ssize_t G = 4 * H;
-    const Py_ssize_t n_passes = (H + KC - 1) / KC;
+    const Py_ssize_t kc = SUFFIX(pass_length)(rows, H);
+    const Py_ssize_t n_passes = (H + kc - 1) / kc;
     for (Py_ssize_t i = blk_begin; i < blk_end; i++) {
         Py_ssize_t blk = descending ? blk_end - 1 - (i - blk_begin) : i;
         const REAL *w_if = packed + blk * H * 4 * LANES, *w_og = w_if + H * 2 * LANES;
         Py_ssize_t u = blk * LANES;
         Py_ssize_t n = H - u < LANES ? H - u : LANES;
         for (Py_ssize_t pass = 0; pass < n_passes; pass++) {
-            Py_ssize_t k0 = (descending ? n_passes - 1 - pass : pass) * KC;
-            Py_ssize_t k1 = k0 + KC < H ? k0 + KC : H;
+            Py_ssize_t k0 = (descending ? n_passes - 1 - pass : pass) * kc;
+            Py_ssize_t k1 = k0 + kc < H ? k0 + kc : H;
             Py_ssize_t r = 0;
             for (; r + 2 <= rows; r += 2)
                 SUFFIX(accumulate_two_rows)(w_if, w_og, h_prev + r * H, h_prev + (r + 1) * H,
@@ -484,7 +497,8 @@ KERNEL_ATTR static void SUFFIX(forward_step_projecting)(
     int phase, int descending)
 {
     const Py_ssize_t G = 4 * H;
-    const Py_ssize_t n_passes = (H + KC - 1) / KC;
+    const Py_ssize_t kc = SUFFIX(pass_length)(1, H);
+    const Py_ssize_t n_passes = (H + kc - 1) / kc;
     const int half = phase / 3, third = phase % 3;
     const Py_ssize_t pk_begin = D * third / 3, pk_end = D * (third + 1) / 3;
     /* `burst` projection k values after every `every` pairs of step k values: a fixed pattern
@@ -526,8 +540,8 @@ KERNEL_ATTR static void SUFFIX(forward_step_projecting)(
         pk++;                                                                                    \
     } while (0)
         for (Py_ssize_t pass = 0; pass < n_passes; pass++) {
-            Py_ssize_t k0 = (descending ? n_passes - 1 - pass : pass) * KC;
-            Py_ssize_t k1 = k0 + KC < H ? k0 + KC : H;
+            Py_ssize_t k0 = (descending ? n_passes - 1 - pass : pass) * kc;
+            Py_ssize_t k1 = k0 + kc < H ? k0 + kc : H;
             VEC ie = {0}, fe = {0}, oe = {0}, ge = {0}, io = {0}, fo = {0}, oo = {0}, go = {0};
             const Py_ssize_t n_pairs = (k1 - k0) / 2, odd = (k1 - k0) & 1;
             if (descending && odd) {
