@@ -268,8 +268,8 @@ static inline Py_ssize_t SUFFIX(pass_length)(Py_ssize_t rows, Py_ssize_t H)
  * then the cell update of those units. Row r of every array starts at r·H (r·4H for gates).
  * `packed` is Wh arranged by pack_recurrent_weights: per block of LANES units, a panel of H rows
  * of [i|f] × LANES, then one of [o|g] × LANES (zero past H), so each k loop streams contiguous
- * runs, in passes of `pass_length` values of k. Accumulators are named variables (an accumulator array
- * went to the stack with gcc, DESIGN.md §6).
+ * runs, in passes of `pass_length` values of k. Accumulators are named variables (an accumulator
+ * array went to the stack with gcc, DESIGN.md §6).
  * With `descending` (the caller's odd steps) the blocks, the passes and, at one row, the pairs
  * of k run in reverse, so that a step starts on the weights the step before ended on, still in
  * L1. Float32, T = 100, median of per-round ratios against always ascending, in one process on
