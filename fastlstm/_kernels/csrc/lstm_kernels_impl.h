@@ -253,11 +253,11 @@ KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w_if, cons
 
 /* k values per pass of forward_step (and of forward_step_projecting, whose sums must match it)
  * at `rows` rows. A single row reuses nothing, and with float32 on AVX-512 (LANES 16) passes of
- * 32 streamed faster at H >= 256. On Zen 5, 2 threads, B = 1, T = 100, through `LSTM`, median
- * of per-pair ratios of alternating processes (8-10 pairs), 32 against 64: H = 256 (S2) 0.92,
- * 0.93, 0.97, 0.95 (through `lstm_forward` 0.93, 0.94, 0.96), 320 0.98, 384 1.01, 512 0.94;
- * but 192 1.01 and 128 1.02 (S1 through `lstm_forward` 1.02, 1.03). The AVX2 build at S2: 1.06;
- * float64: 1.01. */
+ * 32 streamed faster at H >= 256. On Zen 5, 2 threads, B = 1, T = 100, median of per-pair ratios
+ * of alternating processes (6-10 pairs), 32 against 64: H = 256 (S2) through `LSTM` 0.92, 0.92,
+ * 0.95, 0.97 and once 1.02, through `lstm_forward` 0.93, 0.94, 0.96; H = 320 0.98, 384 1.01,
+ * 512 0.94; but 192 1.01 and 1.01, and 128 (S1) 1.02 and 1.10 (through `lstm_forward` 1.02).
+ * The AVX2 build at S2: 1.06; float64: 1.01. */
 static inline Py_ssize_t SUFFIX(pass_length)(Py_ssize_t rows, Py_ssize_t H)
 {
     return rows == 1 && H >= 256 && LANES == 16 ? KC / 2 : KC;
