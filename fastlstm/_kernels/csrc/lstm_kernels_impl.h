@@ -256,8 +256,8 @@ KERNEL_ATTR static inline void SUFFIX(accumulate_one_row)(const REAL *w_if, cons
  * 32 streamed faster at H >= 256. On Zen 5, 2 threads, B = 1, T = 100, median of per-pair ratios
  * of alternating processes (6-10 pairs), 32 against 64: H = 256 (S2) through `LSTM` 0.92, 0.92,
  * 0.95, 0.97 and once 1.02, through `lstm_forward` 0.93, 0.94, 0.96; H = 320 0.98, 384 1.01,
- * 512 0.94; but 192 1.01 and 1.01, and 128 (S1) 1.02 and 1.10 (through `lstm_forward` 1.02).
- * The AVX2 build at S2: 1.06; float64: 1.01. */
+ * 512 0.94; but 192 1.01 and 1.01, and 128: S1 (D = 64) through `LSTM` 1.02 and 1.02, through
+ * `lstm_forward` 1.025; D = 128 1.10. The AVX2 build at S2: 1.06; float64: 1.01. */
 static inline Py_ssize_t SUFFIX(pass_length)(Py_ssize_t rows, Py_ssize_t H)
 {
     return rows == 1 && H >= 256 && LANES == 16 ? KC / 2 : KC;
