@@ -263,12 +263,23 @@ static void fastlstm_sleep_while_equal(int *address, int value)
 static void fastlstm_wake_all(int *address) { (void)address; }
 #endif
 
+/* A team of two waits on two words instead, one cache line each, that only their own thread
+ * writes: (arrivals << 2) | (contended as seen at this arrival) << 1 | (seen at the one before).
+ * An arrival then moves one line each way, where the counter moves its one line back and forth
+ * several times. On Zen 5, 2 threads, T = 100, median of per-pair ratios of alternating
+ * processes (8 pairs), against the counter: S1 forward 0.94 (`LSTM` 0.95), S2 1.00 (0.98);
+ * forward+backward S1 0.985, S2 0.998, S3 0.996 (4 pairs). */
+typedef struct {
+    unsigned int word __attribute__((aligned(64)));
+} fastlstm_arrivals;
+
 typedef struct {
     int arrived;
     int generation;
     int sleepers;
     int contended; /* set by a waiter that had to sleep */
     int solo;      /* the decision published with the last release: 1 = go on alone */
+    fastlstm_arrivals pair[2];
 } fastlstm_barrier;
 
 static void fastlstm_barrier_init(fastlstm_barrier *barrier)
@@ -278,6 +289,8 @@ static void fastlstm_barrier_init(fastlstm_barrier *barrier)
     barrier->sleepers = 0;
     barrier->contended = 0;
     barrier->solo = 0;
+    barrier->pair[0].word = 0;
+    barrier->pair[1].word = 0;
 }
 
 static inline void fastlstm_cpu_relax(void)
@@ -287,12 +300,58 @@ static inline void fastlstm_cpu_relax(void)
 #endif
 }
 
+#define FASTLSTM_ARRIVALS(word) ((word) >> 2)
+#define FASTLSTM_ARRIVALS_MASK 0x3fffffffu
+
+/* fastlstm_barrier_wait for a team of two, thread `id` (0 or 1). The partner is at most one
+ * arrival ahead (it cannot pass the next wait without this thread), so its word holds its
+ * contended bit of this arrival: the newest one if it has not arrived again, else the one
+ * before. Both threads OR the same two bits: the same decision, as with the counter. */
+static int fastlstm_pair_wait(fastlstm_barrier *barrier, int id)
+{
+    unsigned int *mine = &barrier->pair[id].word, *theirs = &barrier->pair[1 - id].word;
+    unsigned int old = __atomic_load_n(mine, __ATOMIC_RELAXED);
+    unsigned int arrival = (FASTLSTM_ARRIVALS(old) + 1) & FASTLSTM_ARRIVALS_MASK;
+    unsigned int seen = __atomic_load_n(&barrier->contended, __ATOMIC_SEQ_CST) ? 1u : 0u;
+    /* sequentially consistent with the sleepers' increment and re-check below, as above */
+    __atomic_store_n(mine, (arrival << 2) | (seen << 1) | ((old >> 1) & 1u), __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&barrier->sleepers, __ATOMIC_SEQ_CST) > 0)
+        fastlstm_wake_all((int *)mine);
+    unsigned int other;
+    for (int spins = 0;;) {
+        other = __atomic_load_n(theirs, __ATOMIC_ACQUIRE);
+        /* the partner's arrivals are this one's minus 1 (not yet here), or equal or plus 1 */
+        if (((FASTLSTM_ARRIVALS(other) - arrival + 1) & FASTLSTM_ARRIVALS_MASK) != 0)
+            break;
+        if (spins < fastlstm_spins_before_sleep) {
+            spins++;
+            fastlstm_cpu_relax();
+            continue;
+        }
+        __atomic_store_n(&barrier->contended, 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(theirs, __ATOMIC_SEQ_CST) == other)
+            fastlstm_sleep_while_equal((int *)theirs, (int)other);
+        __atomic_sub_fetch(&barrier->sleepers, 1, __ATOMIC_SEQ_CST);
+    }
+    unsigned int other_seen = FASTLSTM_ARRIVALS(other) == arrival ? (other >> 1) & 1u : other & 1u;
+    int solo = (int)(seen | other_seen);
+    if (solo)
+        __atomic_store_n(&barrier->solo, 1, __ATOMIC_RELAXED);
+    return solo;
+}
+
 /* Wait for all `team` threads; returns 1 (to every thread alike) when the team should stop
- * working in lockstep, see above. */
+ * working in lockstep, see above. A team keeps its size for the life of a barrier (a thread
+ * going on alone passes team 1, which does not wait). */
 static int fastlstm_barrier_wait(fastlstm_barrier *barrier, int team)
 {
     if (team <= 1)
         return 0;
+#ifdef _OPENMP
+    if (team == 2)
+        return fastlstm_pair_wait(barrier, omp_get_thread_num());
+#endif
     int generation = __atomic_load_n(&barrier->generation, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&barrier->arrived, 1, __ATOMIC_ACQ_REL) == team) {
         __atomic_store_n(&barrier->arrived, 0, __ATOMIC_RELAXED);
