@@ -291,7 +291,9 @@ def test_threaded_steps_give_the_same_bits_as_one_thread(shape, monkeypatch):
 def activation_inputs():
     dense = np.linspace(-50, 50, 100_001)
     near_zero = np.linspace(-1e-3, 1e-3, 2_001)
-    special = [0.0, -0.0, 1e4, -1e4, 88, -88, 90, -90, 800, -800, 5e-324, np.inf, -np.inf]
+    # exp overflows early to +inf from x = 88.4 (float) and 709.4 (double), see vexp_saturating
+    special = [0.0, -0.0, 1e4, -1e4, 88, -88, 88.5, -88.5, 90, -90, 709.9, -709.9, 800, -800,
+               5e-324, np.inf, -np.inf]
     return np.concatenate([dense, near_zero, special])
 
 

@@ -22,6 +22,7 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTLSTM_X86_SIMD 1
 #include <cpuid.h>
+#include <immintrin.h>
 #else
 #define FASTLSTM_X86_SIMD 0
 #endif
@@ -44,10 +45,11 @@
 #define IREAL int32_t
 #define LANES 8
 #define EXP_CLAMP 87.0f
+#define EXP_INF_CLAMP 89.0f /* x / ln2 rounds to 128 */
 #define EXP_DEGREE 7
 #define MANT_BITS 23
 #define EXP_BIAS 127
-#define LN2_HI 0.693145751953125   /* ln 2 to 16 bits: n·LN2_HI exact for |n| < 128 */
+#define LN2_HI 0.693145751953125   /* ln 2 to 16 bits: n·LN2_HI exact for |n| <= 128 */
 #define LN2_LO 1.4286068203094173e-06
 #define ROUND_MAGIC 12582912.0f    /* 1.5·2^23 */
 
@@ -59,14 +61,22 @@
 #if FASTLSTM_X86_SIMD
 #define KERNEL_ATTR __attribute__((target("avx2,fma")))
 #define SUFFIX(name) name##_f32_avx2
+#define VMIN _mm256_min_ps
+#define VMAX _mm256_max_ps
 #include "lstm_kernels_impl.h"
+#undef VMIN
+#undef VMAX
 #undef KERNEL_ATTR
 #undef SUFFIX
 #undef LANES
 #define LANES 16
 #define KERNEL_ATTR FASTLSTM_AVX512_ATTR
 #define SUFFIX(name) name##_f32_avx512
+#define VMIN _mm512_min_ps
+#define VMAX _mm512_max_ps
 #include "lstm_kernels_impl.h"
+#undef VMIN
+#undef VMAX
 #undef KERNEL_ATTR
 #undef SUFFIX
 #endif
@@ -74,6 +84,7 @@
 #undef IREAL
 #undef LANES
 #undef EXP_CLAMP
+#undef EXP_INF_CLAMP
 #undef EXP_DEGREE
 #undef MANT_BITS
 #undef EXP_BIAS
@@ -86,10 +97,11 @@
 #define IREAL int64_t
 #define LANES 4
 #define EXP_CLAMP 708.0
+#define EXP_INF_CLAMP 710.0 /* x / ln2 rounds to 1024 */
 #define EXP_DEGREE 11
 #define MANT_BITS 52
 #define EXP_BIAS 1023
-#define LN2_HI 0.6931471803691238  /* ln 2 to 32 bits: n·LN2_HI exact for |n| < 1024 */
+#define LN2_HI 0.6931471803691238  /* ln 2 to 32 bits: n·LN2_HI exact for |n| <= 1024 */
 #define LN2_LO 1.9082149292705877e-10
 #define ROUND_MAGIC 6755399441055744.0 /* 1.5·2^52 */
 
@@ -101,14 +113,22 @@
 #if FASTLSTM_X86_SIMD
 #define KERNEL_ATTR __attribute__((target("avx2,fma")))
 #define SUFFIX(name) name##_f64_avx2
+#define VMIN _mm256_min_pd
+#define VMAX _mm256_max_pd
 #include "lstm_kernels_impl.h"
+#undef VMIN
+#undef VMAX
 #undef KERNEL_ATTR
 #undef SUFFIX
 #undef LANES
 #define LANES 8
 #define KERNEL_ATTR FASTLSTM_AVX512_ATTR
 #define SUFFIX(name) name##_f64_avx512
+#define VMIN _mm512_min_pd
+#define VMAX _mm512_max_pd
 #include "lstm_kernels_impl.h"
+#undef VMIN
+#undef VMAX
 #undef KERNEL_ATTR
 #undef SUFFIX
 #endif
@@ -116,6 +136,7 @@
 #undef IREAL
 #undef LANES
 #undef EXP_CLAMP
+#undef EXP_INF_CLAMP
 #undef EXP_DEGREE
 #undef MANT_BITS
 #undef EXP_BIAS
