@@ -234,6 +234,8 @@ static int fastlstm_units_f64(void) { return fastlstm_isa == FASTLSTM_ISA_AVX512
 #define fastlstm_backward_dh_panels_f32 FASTLSTM_PICK(backward_dh_panels, f32)
 #define fastlstm_backward_dh_panels_f64 FASTLSTM_PICK(backward_dh_panels, f64)
 #define fastlstm_backward_dh_tiles_f64 FASTLSTM_PICK(backward_dh_tiles, f64)
+#define fastlstm_panel_with_sums_f32 FASTLSTM_PICK(panel_with_sums, f32)
+#define fastlstm_panel_with_sums_f64 FASTLSTM_PICK(panel_with_sums, f64)
 #define fastlstm_transpose_f32 FASTLSTM_PICK(transpose, f32)
 #define fastlstm_transpose_f64 FASTLSTM_PICK(transpose, f64)
 
