@@ -906,10 +906,11 @@ cdef void _weight_gradients_tiled(const floating *x, const floating *Wx, const f
     """`_weight_gradients` by the register tiles, a chunk of rows (`_chunk_rows`) at a time:
     the chunk's da packed in panels of 2U columns (adding its column sums to db on the way),
     its x and h_{t-1} transposed, all in `scratch` (`tiled_gradients_size` values); then each
-    thread adds the chunk's products to its share of every output's panels. dx needs no chunks: Wx.T packed in panels, each thread
-    its rows. Against BLAS, forward+backward, 2 threads, paired runs, float32: S1 0.688 -> 0.633
-    ms, S2 2.69 -> 2.50, (T, B, D, H) = (500, 1, 64, 128) 2.99 -> 2.93, (64, 8, 256, 512) 28.7 ->
-    27.0; one thread, S1 CPU time 1.02 -> 0.99 ms (one chunk each, on Zen 4)."""
+    thread adds the chunk's products to its share of every output's panels. dx needs no
+    chunks: Wx.T packed in panels, each thread its rows. Against BLAS, forward+backward, 2
+    threads, paired runs, float32: S1 0.688 -> 0.633 ms, S2 2.69 -> 2.50, (T, B, D, H) = (500,
+    1, 64, 128) 2.99 -> 2.93, (64, 8, 256, 512) 28.7 -> 27.0; one thread, S1 CPU time 1.02 ->
+    0.99 ms (one chunk each, on Zen 4)."""
     cdef Py_ssize_t G = 4 * H, rows = T * B, chunk = _chunk_rows(T * B)
     cdef Py_ssize_t width = 2 * _units(<floating *>NULL)
     cdef Py_ssize_t n_da = (G + width - 1) // width, n_dx = (D + width - 1) // width

@@ -101,10 +101,10 @@ KERNEL_ATTR static inline VEC SUFFIX(vclamp)(VEC x, REAL low, REAL high)
  * - Below: exp(-EXP_CLAMP) (1.6e-38 for float, a normal number) stands in for smaller values:
  *   σ(+inf) = 1 / (1 + 1.6e-38) and tanh(-inf) = 1 - 2 / (1 + 1.6e-38) round to exactly 1, -1.
  * - Above: EXP_INF_CLAMP rounds n to 2^(exponent bits - 1) (128 for float, 1024 for double),
- *   whose exponent field is all ones: 2^n is +inf and so is exp, so σ(-inf) = 1 / (1 + inf) and tanh(+inf) come out
- *   exactly 0 and 1. So does exp(x) from x = 128·ln2 - ln2/2 (88.4 for float, 709.4 for
- *   double) on, where it should overflow only at 128·ln2 (88.7; 709.8): σ and tanh lose less
- *   than 1e-38 (1e-308) there.
+ *   whose exponent field is all ones: 2^n is +inf and so is exp, so σ(-inf) = 1 / (1 + inf)
+ *   and tanh(+inf) come out exactly 0 and 1. exp(x) is +inf from x = 128·ln2 - ln2/2 (88.4)
+ *   on, where it should overflow only at 128·ln2 (88.7); for double from 709.4 instead of
+ *   709.8. σ and tanh lose less than 1e-38 (1e-308) there.
  * - NaN stays NaN through the clamp and vexp.
  * (Before, comparisons and selects clamped to ±EXP_CLAMP and put +inf above. With min and max
  * here and Estrin's scheme in exp_series, the float cell update of 16 units on AVX-512 takes
