@@ -57,8 +57,9 @@ def min_rows_per_thread(request, monkeypatch):
      (300, 2, 4, 6), (3, 5, 7, 200), (3, 12, 5, 19), (4, 14, 6, 37), (31, 1, 22, 21),
      (5, 1, 3, 260),  # one row at H >= 256: shorter passes over k, the last one partial
      # T·B > 2048: the weight gradients on the AVX-512 tiles in two chunks of rows, the second
-     # starting within a step; on the other builds, on BLAS (products split by rows). 4H = 28
-     # fills no panel, 4H = 48 one or three whole panels (db summed in registers) and a part.
+     # starting within a step; on the other builds, on BLAS (products split by rows). Whole
+     # panels (db summed in registers) and a part: 4H = 28 has one of 16 doubles but none of 32
+     # floats, 4H = 48 has them in both.
      (683, 3, 5, 7), (683, 3, 5, 12)],
     ids=lambda s: "T{}B{}D{}H{}".format(*s),
 )
