@@ -195,7 +195,8 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     packed_t = scratch("cython/transposed",
                         (_lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize),), x.dtype)
     _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
-    scratch_size = _lstm_cython.tiled_gradients_size(T, B, x.shape[2], Wh.shape[0], x.itemsize)
+    scratch_size = _lstm_cython.tiled_gradients_size(T, B, x.shape[2], Wh.shape[0], x.itemsize,
+                                                      n_threads)
     gradients_scratch = (scratch("cython/gradients", (scratch_size,), x.dtype) if scratch_size
                          else None)
     with _threads.blas_threads(1):
