@@ -374,20 +374,79 @@ def test_pack_layout(D, H, dtype, simd, n_threads):
     np.testing.assert_array_equal(stacked, expected_panels(np.vstack([Wx, Wh, b]), H, units))
 
 
+def small_batch_forward(args, packed_x, packed, n_threads, weights=(None, None)):
+    """y (T, B, H) and the cell state c_T of `_lstm_cython.forward` (no history kept)."""
+    x, b, h0, c0 = (args[k] for k in ("x", "b", "h0", "c0"))
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    gates = np.empty((T, B, 4 * H), x.dtype)
+    y = np.empty((T, B, H), x.dtype)
+    c_store = c0.copy()[np.newaxis]
+    tanh_c = np.empty((0, B, H), x.dtype)
+    _lstm_cython.forward(x, packed_x, b, packed, h0, c0, gates, y, c_store, tanh_c, n_threads,
+                         None, None, *weights)
+    return y, c_store[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D, H", PACK_SHAPES)
+def test_forward_packs_weights_in_its_region(D, H, dtype, simd, n_threads):
+    """Given Wx and Wh, the small-batch forward's threads pack them into packed_x and packed,
+    each its own blocks, as the packing functions arrange them, and compute the same bits as
+    from weights packed before."""
+    args = make_problem(4, 1, D, H, dtype=dtype)
+    Wx, Wh = args["Wx"], args["Wh"]
+    units = _lstm_cython.units_per_block(np.dtype(dtype).itemsize)
+    packed_x = np.full(_lstm_cython.packed_size(D, H, np.dtype(dtype).itemsize), np.nan, dtype)
+    packed = np.full(_lstm_cython.packed_size(H, H, np.dtype(dtype).itemsize), np.nan, dtype)
+    got = small_batch_forward(args, packed_x, packed, n_threads, (Wx, Wh))
+    np.testing.assert_array_equal(packed_x, expected_panels(Wx, H, units))
+    np.testing.assert_array_equal(packed, expected_panels(Wh, H, units))
+    want = small_batch_forward(args, cython_backend.input_weights(Wx, n_threads),
+                               cython_backend.recurrent_weights(Wh, n_threads), n_threads)
+    for got_part, want_part in zip(got, want):
+        np.testing.assert_array_equal(got_part, want_part)
+
+
+def test_forward_packing_rejects_bad_targets():
+    """Weights to pack come both or neither, in the kernel's shapes, into writable arrays."""
+    args = make_problem(2, 1, 3, 5, dtype=np.float32)
+    Wx, Wh = args["Wx"], args["Wh"]
+    packed_x = np.empty(_lstm_cython.packed_size(3, 5, 4), np.float32)
+    packed = np.empty(_lstm_cython.packed_size(5, 5, 4), np.float32)
+    with pytest.raises(ValueError, match="together"):
+        small_batch_forward(args, packed_x, packed, 1, (Wx, None))
+    with pytest.raises(ValueError, match=r"Wx must have shape \(3, 20\).*\(5, 20\); got"):
+        small_batch_forward(args, packed_x, packed, 1, (Wx, Wh[:4]))
+    read_only = packed.copy()
+    read_only.setflags(write=False)
+    with pytest.raises(ValueError, match="writable"):
+        small_batch_forward(args, packed_x, read_only, 1, (Wx, Wh))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [1, 3, 8, 13, 16, 37, 64, 100])
-def test_pack_transposed_layout(H, dtype, simd, n_threads):
-    """packed_t[blk, k, j] = Wh[blk*N + j, k], zero past H (N = 2U units per block), whole
-    vector tiles transposed in registers and the edges value by value, in every build."""
-    rng = np.random.default_rng(H)
-    Wh = rng.standard_normal((H, 4 * H)).astype(dtype)
+@pytest.mark.parametrize("use_matvec", [True, False], ids=["loop-matvec", "loop-batch"])
+def test_backward_packs_transposed_weights(H, dtype, use_matvec, simd, n_threads):
+    """The backward first arranges Wh.T into packed_t: packed_t[blk, k, j] = Wh[blk*N + j, k],
+    zero past H (N = 2U units per block), whole vector tiles transposed in registers and the
+    edges value by value, in every build; in the small-batch loop each thread its own panels."""
+    args = make_problem(3, 2, 4, H, dtype=dtype)
+    x, Wx, Wh, b, h0, c0 = (args[k] for k in ("x", "Wx", "Wh", "b", "h0", "c0"))
+    cache = cython_backend.forward(x, Wx, Wh, b, h0, c0, need_cache=True, n_threads=n_threads)[3]
+    x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c = cache
     width = 2 * _lstm_cython.units_per_block(np.dtype(dtype).itemsize)
     n_blocks = -(-H // width)
     padded = np.zeros((n_blocks * width, 4 * H), dtype)
     padded[:H] = Wh
     expected = padded.reshape(n_blocks, width, 4 * H).transpose(0, 2, 1).ravel()
-    packed_t = np.empty(_lstm_cython.packed_transposed_size(H, np.dtype(dtype).itemsize), dtype)
-    _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
+    packed_t = np.full(_lstm_cython.packed_transposed_size(H, np.dtype(dtype).itemsize), np.nan,
+                       dtype)
+    states = [np.zeros(h0.shape, dtype) for _ in range(2)]
+    _lstm_cython.backward(np.zeros(y.shape, dtype), x, Wx, Wh, h0, c0, y, gates, c_all, tanh_c,
+                          np.empty_like(gates), *states, None, np.empty_like(Wx),
+                          np.empty_like(Wh), np.empty(4 * H, dtype), packed_t, use_matvec,
+                          n_threads)
     np.testing.assert_array_equal(packed_t, expected)
 
 

@@ -1,11 +1,11 @@
 """Cython backend: compiled kernels (no JIT start-up), OpenMP threads, AVX2 or AVX-512 chosen at
 run time.
 
-This module is the glue: it allocates outputs and scratch, packs the weights (Wx and Wh for
-the small-batch forward, [Wx; Wh; b] for the batch forward: once per call, or once per
-`PreparedWeights`; Wh.T for the backward, once per call), holds BLAS to one thread while the
-backward's threads run (they call BLAS on their share of the work, DESIGN.md §6) and calls
-`_lstm_cython`.
+This module is the glue: it allocates outputs and scratch, has the weights packed ([Wx; Wh; b]
+for the batch forward, Wx and Wh for the small-batch forward: once per `PreparedWeights`, or at
+every call, the small-batch forward kernel then packing them itself; Wh.T by the backward
+kernel at every call), holds BLAS to one thread while the backward's threads run (they call
+BLAS on their share of the work, DESIGN.md §6) and calls `_lstm_cython`.
 """
 
 from typing import NamedTuple
@@ -153,14 +153,22 @@ def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates
     running the time loop, a barrier a step; or one thread, where `_backoff` says so. (``gates``
     None: no history; the projection then runs in chunks of steps holding at most
     INFERENCE_GATES_BYTES.)"""
-    T, B, _ = x.shape
+    T, B, D = x.shape
     H = Wh.shape[0]
     n_threads = _backoff.threads(n_threads)
-    packed_x = input_weights(Wx, n_threads, prepared)
-    packed = recurrent_weights(Wh, n_threads, prepared)
+    if prepared is None:
+        # the first kernel call packs the weights into these, in its own parallel region
+        packed_x = scratch("cython/input", (_lstm_cython.packed_size(D, H, x.itemsize),), x.dtype)
+        packed = scratch("cython/recurrent", (_lstm_cython.packed_size(H, H, x.itemsize),),
+                         x.dtype)
+        to_pack = (Wx, Wh)
+    else:
+        packed_x = input_weights(Wx, n_threads, prepared)
+        packed = recurrent_weights(Wh, n_threads, prepared)
+        to_pack = (None, None)
     if gates is not None:
         went_solo = _lstm_cython.forward(x, packed_x, b, packed, h0, c0, gates, y, c_store,
-                                         tanh_c, n_threads)
+                                         tanh_c, n_threads, None, None, *to_pack)
         _backoff.note(n_threads, went_solo)
         return
     chunk = max(1, min(T, INFERENCE_GATES_BYTES // (B * 4 * H * x.itemsize)))
@@ -173,7 +181,8 @@ def _forward_small_batch(x, Wx, Wh, b, h0, c0, y, c_store, tanh_c, c_last, gates
         went_solo |= _lstm_cython.forward(x[t0:t1], packed_x, b, packed, h_prev, c0,
                                           gates[: t1 - t0], y[t0:t1], c_store, tanh_c,
                                           n_threads, None if lengths is None else lengths - 1 - t0,
-                                          c_last)
+                                          c_last, *to_pack)
+        to_pack = (None, None)
     _backoff.note(n_threads, went_solo)
 
 
@@ -192,9 +201,9 @@ def backward(dy, dh_T, dc_T, cache, *, n_threads, need_dx=True):
     matvec = use_matvec(B, n_threads)
     if matvec:
         n_threads = _backoff.threads(n_threads)
+    # the kernel arranges Wh.T in this
     packed_t = scratch("cython/transposed",
                         (_lstm_cython.packed_transposed_size(Wh.shape[0], x.itemsize),), x.dtype)
-    _lstm_cython.pack_transposed_weights(Wh, packed_t, n_threads)
     scratch_size = _lstm_cython.tiled_gradients_size(T, B, x.shape[2], Wh.shape[0], x.itemsize,
                                                       n_threads)
     gradients_scratch = (scratch("cython/gradients", (scratch_size,), x.dtype) if scratch_size

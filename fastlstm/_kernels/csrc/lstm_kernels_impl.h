@@ -614,7 +614,7 @@ KERNEL_ATTR static void SUFFIX(forward_step_projecting)(
 #undef KC
 
 /* dh[r, j] = Σ_k da[r, k] · Wh[j, k] (dh = da @ Wh.T, k < 4H) for rows [row_begin, row_end) and
- * all j. `packed_t` is Wh.T arranged by pack_transposed_weights: per block of 2·LANES hidden
+ * all j. `packed_t` is Wh.T arranged by _pack_transposed_blocks: per block of 2·LANES hidden
  * units, 4H rows of 2·LANES values (zero past H); each block is one tile wide. */
 KERNEL_ATTR static void SUFFIX(backward_dh_tiles)(const REAL *packed_t, Py_ssize_t H,
                                                   const REAL *da, REAL *dh,
